@@ -1,0 +1,158 @@
+// duquant_ext._C: Config, LayerPack and the packer for Python. The forward path is reached through
+// the dispatcher ops (torch.ops.duquant.*) registered by the core library.
+#include <pybind11/operators.h>
+#include <torch/extension.h>
+
+#include "duquant/duquant.h"
+
+namespace py = pybind11;
+using duquant::Config;
+using duquant::LayerPack;
+
+namespace {
+
+Config make_config(py::kwargs kwargs) {
+  // Keyword-only and strict: an unknown option is an error, never silently ignored.
+  static const char* known[] = {"wbits", "abits", "block_size", "block_out", "permute",
+                                "ls", "row_rot", "act", "act_pct", "calib_steps"};
+  Config c;
+  for (auto item : kwargs) {
+    const auto key = py::cast<std::string>(item.first);
+    py::handle v = item.second;
+    if (key == "wbits") c.wbits = py::cast<int64_t>(v);
+    else if (key == "abits") c.abits = py::cast<int64_t>(v);
+    else if (key == "block_size") c.block_size = py::cast<int64_t>(v);
+    else if (key == "block_out") c.block_out = v.is_none() ? 0 : py::cast<int64_t>(v);
+    else if (key == "permute") c.permute = py::cast<bool>(v);
+    else if (key == "ls") c.ls = py::cast<double>(v);
+    else if (key == "row_rot") c.row_rot = duquant::row_rotation_from_string(py::cast<std::string>(v));
+    else if (key == "act") c.act = duquant::act_mode_from_string(py::cast<std::string>(v));
+    else if (key == "act_pct") c.act_pct = py::cast<double>(v);
+    else if (key == "calib_steps") c.calib_steps = py::cast<int64_t>(v);
+    else {
+      std::string names;
+      for (const char* k : known) names += std::string(names.empty() ? "" : ", ") + k;
+      throw py::type_error("duquant Config: unknown option '" + key + "'; known: " + names);
+    }
+  }
+  c.validate();
+  return c;
+}
+
+py::object optional_tensor(const torch::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "duquant compiled core: Config, LayerPack, pack_linear";
+
+  py::class_<Config>(m, "Config", R"doc(DuQuant settings (DESIGN.md section 2).
+
+Keyword arguments: wbits=4, abits=8, block_size=16, block_out=0 (=block_size), permute=True,
+ls=0.15, row_rot="restore"|"none", act="dynamic"|"static"|"static_channel", act_pct=99.9,
+calib_steps=32. Unknown or invalid values raise with the field named.)doc")
+      .def(py::init(&make_config))
+      .def_readonly("wbits", &Config::wbits)
+      .def_readonly("abits", &Config::abits)
+      .def_readonly("block_size", &Config::block_size)
+      .def_readonly("block_out", &Config::block_out)
+      .def_readonly("permute", &Config::permute)
+      .def_readonly("ls", &Config::ls)
+      .def_property_readonly("row_rot", [](const Config& c) { return std::string(duquant::to_string(c.row_rot)); })
+      .def_property_readonly("act", [](const Config& c) { return std::string(duquant::to_string(c.act)); })
+      .def_readonly("act_pct", &Config::act_pct)
+      .def_readonly("calib_steps", &Config::calib_steps)
+      .def_property_readonly("quantize_weights", &Config::quantize_weights)
+      .def_property_readonly("quantize_acts", &Config::quantize_acts)
+      .def_property_readonly("needs_calibration", &Config::needs_calibration)
+      .def_property_readonly("effective_block_out", &Config::effective_block_out)
+      .def("to_json", &Config::to_json)
+      .def_static("from_json", &Config::from_json)
+      .def("describe", &Config::describe)
+      .def("replace", [](const Config& c, py::kwargs changes) {
+             py::dict merged = py::module_::import("json").attr("loads")(c.to_json());
+             for (auto item : changes) merged[item.first] = item.second;
+             return make_config(py::kwargs(merged));
+           }, "A copy with some fields changed, e.g. cfg.replace(wbits=8).")
+      .def(py::self == py::self)
+      .def(py::self != py::self)
+      .def("__repr__", [](const Config& c) {
+        std::ostringstream s;
+        s << "Config(wbits=" << c.wbits << ", abits=" << c.abits << ", block_size=" << c.block_size
+          << ", block_out=" << c.block_out << ", permute=" << (c.permute ? "True" : "False") << ", ls=" << c.ls
+          << ", row_rot='" << duquant::to_string(c.row_rot) << "', act='" << duquant::to_string(c.act)
+          << "', act_pct=" << c.act_pct << ", calib_steps=" << c.calib_steps << ")";
+        return s.str();
+      })
+      .def(py::pickle([](const Config& c) { return c.to_json(); },
+                      [](const std::string& s) { return Config::from_json(s); }));
+
+  py::class_<LayerPack>(m, "LayerPack", "The tensors of one packed layer; see DESIGN.md section 2.")
+      .def_readonly("config", &LayerPack::config)
+      .def_readonly("in_features", &LayerPack::in_features)
+      .def_readonly("out_features", &LayerPack::out_features)
+      .def_property_readonly("perm", [](const LayerPack& p) { return optional_tensor(p.perm); })
+      .def_property_readonly("r_in", [](const LayerPack& p) { return optional_tensor(p.r_in); })
+      .def_property_readonly("r_out", [](const LayerPack& p) { return optional_tensor(p.r_out); })
+      .def_property_readonly("qweight", [](const LayerPack& p) { return optional_tensor(p.qweight); })
+      .def_property_readonly("w_scale", [](const LayerPack& p) { return optional_tensor(p.w_scale); })
+      .def_property_readonly("bias", [](const LayerPack& p) { return optional_tensor(p.bias); })
+      .def_property_readonly("act_scale", [](const LayerPack& p) { return optional_tensor(p.act_scale); })
+      .def_property_readonly("calib_state", [](const LayerPack& p) { return optional_tensor(p.calib_state); })
+      .def("tensors", [](const LayerPack& p) {
+        py::dict d;
+        auto put = [&](const char* k, const torch::Tensor& t) { if (t.defined()) d[k] = t; };
+        put("qweight", p.qweight); put("w_scale", p.w_scale); put("perm", p.perm); put("r_in", p.r_in);
+        put("r_out", p.r_out); put("bias", p.bias); put("act_scale", p.act_scale); put("calib_state", p.calib_state);
+        return d;
+      }, "The defined tensors by buffer name.")
+      .def("__repr__", [](const LayerPack& p) {
+        return "LayerPack(in_features=" + std::to_string(p.in_features) +
+               ", out_features=" + std::to_string(p.out_features) + ", " + p.config.describe() + ")";
+      });
+
+  m.def("pack_linear",
+        [](const torch::Tensor& weight, c10::optional<torch::Tensor> bias, const Config& config,
+           const std::string& name) { return duquant::pack_linear(weight, bias, config, name); },
+        py::arg("weight"), py::arg("bias") = py::none(), py::arg("config") = Config(), py::arg("name") = "weight",
+        "Packs an [out, in] weight (and optional bias) into a LayerPack on the weight's device.");
+  m.def("empty_layer_pack",
+        [](int64_t in_features, int64_t out_features, bool has_bias, const Config& config, py::object device) {
+          torch::Device dev = device.is_none() ? torch::Device(torch::kCPU)
+                                               : torch::Device(py::cast<std::string>(py::str(device)));
+          return duquant::empty_layer_pack(in_features, out_features, has_bias, config, dev);
+        },
+        py::arg("in_features"), py::arg("out_features"), py::arg("has_bias"), py::arg("config"),
+        py::arg("device") = py::none());
+  m.def("validate_tensors",
+        [](int64_t in_features, int64_t out_features, const Config& config, py::dict tensors, const std::string& where) {
+          LayerPack p;
+          p.config = config;
+          p.in_features = in_features;
+          p.out_features = out_features;
+          for (auto item : tensors) {
+            const auto key = py::cast<std::string>(item.first);
+            if (item.second.is_none()) continue;
+            auto t = py::cast<torch::Tensor>(item.second);
+            if (key == "qweight") p.qweight = t; else if (key == "w_scale") p.w_scale = t;
+            else if (key == "perm") p.perm = t; else if (key == "r_in") p.r_in = t;
+            else if (key == "r_out") p.r_out = t; else if (key == "bias") p.bias = t;
+            else if (key == "act_scale") p.act_scale = t; else if (key == "calib_state") p.calib_state = t;
+            else throw py::value_error(where + ": unknown tensor '" + key + "'");
+          }
+          p.validate(where);
+        },
+        "Checks a layer's tensors against its shape and config; raises naming the tensor that differs.");
+  m.def("channel_permutation", &duquant::channel_permutation, py::arg("weight_f64"), py::arg("ls") = 0.15);
+  m.def("canonical_signs", &duquant::canonical_signs);
+  m.def("column_block_rotations", &duquant::column_block_rotations);
+  m.def("quantize_rows", [](const torch::Tensor& w, int64_t bits) {
+    auto q = duquant::quantize_rows(w, bits);
+    return py::make_tuple(q.codes, q.scales);
+  });
+  m.def("pack_int4", &duquant::pack_int4);
+  m.def("unpack_int4", &duquant::unpack_int4);
+  m.def("finish_calibration", [](torch::Tensor calib_state, const std::string& where) {
+    duquant::finish_calibration(calib_state, where);
+  });
+}

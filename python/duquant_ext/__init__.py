@@ -1,0 +1,33 @@
+"""duquant_ext: DuQuant W4A8 quantization for PyTorch ``nn.Linear`` layers.
+
+    import duquant_ext as dq
+    report = dq.quantize_(model, dq.Config(wbits=4, abits=8))
+    print(report)
+
+See README.md for the full tour.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._C import Config, LayerPack, pack_linear  # noqa: F401
+from .nn import DuQuantLinear  # noqa: F401
+from .quantize import (  # noqa: F401
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    QuantizeReport,
+    finish_calibration,
+    quantize_,
+    select_linear_layers,
+)
+
+__all__ = [
+    "Config",
+    "LayerPack",
+    "pack_linear",
+    "DuQuantLinear",
+    "quantize_",
+    "QuantizeReport",
+    "select_linear_layers",
+    "finish_calibration",
+    "DEFAULT_INCLUDE",
+    "DEFAULT_EXCLUDE",
+]

@@ -1,0 +1,71 @@
+// Op schemas of the library, registered with the dispatcher so Python (torch.ops.duquant.*),
+// TorchScript and torch.compile see one set of entry points.
+#include <torch/library.h>
+
+#include "duquant/act_quant.h"
+#include "duquant/reference_forward.h"
+
+namespace duquant {
+namespace {
+
+LayerPack layer_from_args(const at::Tensor& qweight, const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& perm, const at::Tensor& r_in,
+                          const c10::optional<at::Tensor>& r_out, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& act_scale, int64_t in_features, int64_t wbits,
+                          int64_t abits, c10::string_view act) {
+  LayerPack p;
+  p.config.wbits = wbits;
+  p.config.abits = abits;
+  p.config.act = act_mode_from_string(std::string(act));
+  p.config.block_size = r_in.size(1);
+  p.config.permute = perm.has_value();
+  p.config.row_rot = r_out.has_value() ? RowRotation::kRestore : RowRotation::kNone;
+  if (r_out) p.config.block_out = r_out->size(1);
+  p.in_features = in_features;
+  p.out_features = qweight.size(0);
+  p.qweight = qweight;
+  p.r_in = r_in;
+  if (w_scale) p.w_scale = *w_scale;
+  if (perm) p.perm = *perm;
+  if (r_out) p.r_out = *r_out;
+  if (bias) p.bias = *bias;
+  if (act_scale) p.act_scale = *act_scale;
+  return p;
+}
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& w_scale,
+                     const c10::optional<at::Tensor>& perm, const at::Tensor& r_in,
+                     const c10::optional<at::Tensor>& r_out, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& act_scale, int64_t in_features, int64_t wbits, int64_t abits,
+                     c10::string_view act, bool quantize_acts) {
+  auto layer = layer_from_args(qweight, w_scale, perm, r_in, r_out, bias, act_scale, in_features, wbits, abits, act);
+  return reference_forward(x, layer, quantize_acts);
+}
+
+void observe_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm, const at::Tensor& r_in,
+                at::Tensor& act_scale, at::Tensor& calib_state, int64_t abits, c10::string_view act, double act_pct,
+                int64_t calib_steps) {
+  Config cfg;
+  cfg.abits = abits;
+  cfg.act = act_mode_from_string(std::string(act));
+  cfg.act_pct = act_pct;
+  cfg.calib_steps = calib_steps;
+  const int64_t k = act_scale.size(0) > 1 ? act_scale.size(0) : x.size(-1);
+  auto xt = input_transform(x.reshape({-1, k}).to(torch::kFloat32), perm ? *perm : at::Tensor(), r_in);
+  observe_activations(xt, act_scale, calib_state, cfg);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(duquant, m) {
+  m.def(
+      "linear(Tensor x, Tensor qweight, Tensor? w_scale, Tensor? perm, Tensor r_in, Tensor? r_out, Tensor? bias, "
+      "Tensor? act_scale, int in_features, int wbits, int abits, str act, bool quantize_acts) -> Tensor",
+      &linear_op);
+  m.def(
+      "observe_activations(Tensor x, Tensor? perm, Tensor r_in, Tensor(a!) act_scale, Tensor(b!) calib_state, "
+      "int abits, str act, float act_pct, int calib_steps) -> ()",
+      &observe_op);
+}
+
+}  // namespace duquant
