@@ -111,10 +111,14 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
                ", out_features=" + std::to_string(p.out_features) + ", " + p.config.describe() + ")";
       });
 
+  // Defaults are None rather than Config() objects: pybind11 3 reprs default values while the
+  // module is still initialising, which crashed on PyTorch 2.11.
   m.def("pack_linear",
-        [](const torch::Tensor& weight, c10::optional<torch::Tensor> bias, const Config& config,
-           const std::string& name) { return duquant::pack_linear(weight, bias, config, name); },
-        py::arg("weight"), py::arg("bias") = py::none(), py::arg("config") = Config(), py::arg("name") = "weight",
+        [](const torch::Tensor& weight, c10::optional<torch::Tensor> bias, py::object config,
+           const std::string& name) {
+          return duquant::pack_linear(weight, bias, config.is_none() ? Config() : py::cast<Config>(config), name);
+        },
+        py::arg("weight"), py::arg("bias") = py::none(), py::arg("config") = py::none(), py::arg("name") = "weight",
         "Packs an [out, in] weight (and optional bias) into a LayerPack on the weight's device.");
   m.def("empty_layer_pack",
         [](int64_t in_features, int64_t out_features, bool has_bias, const Config& config, py::object device) {
