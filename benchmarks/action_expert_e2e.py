@@ -1,0 +1,312 @@
+"""End to end: a pi0-style action expert, bf16 vs every linear swapped by dq.quantize_.
+
+One question: how much faster is one policy call (the whole flow-matching loop of the action
+expert) when its linears are DuQuant W4A8, and how far do the actions move?
+
+The model: 18 Gemma-style decoder layers of width 1024 (RMSNorm with (1 + w) scale, attention with
+8 query heads of head_dim 256 and one KV head: q_proj 1024->2048, k/v 1024->256, o_proj
+2048->1024; gated-GELU MLP 1024->4096->1024: gate_proj, up_proj, down_proj), a final RMSNorm.
+Random weights (std 0.02) with a few outlier input columns, and a few RMSNorm channels scaled up
+so the activations have outlier channels too. Simplifications, none of which touch the linears:
+no RoPE, no attention to a VLM prefix (plain attention among the action tokens), the state lives
+at width 1024 (no action in/out projections), time enters as a sinusoidal embedding added to
+the input.
+
+One policy call = 10 flow-matching steps at batch 1 with 50 action tokens: each step is a full
+forward over the 50 tokens giving the velocity v, then x = x + dt * v. Both policies are timed
+as one CUDA graph over the whole 10-step loop (eager if capture fails, and the output says so),
+median over --repeats. The output difference is ||x_dq - x_bf16|| / ||x_bf16 - x_0|| (relative to
+how far the loop moved the noise), and each policy's difference from the same model in float32.
+
+Usage:
+  python benchmarks/action_expert_e2e.py [--repeats 20] [--out FILE]
+  python benchmarks/action_expert_e2e.py --cpu-smoke     # tiny model on the CPU: logic check only
+"""
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import duquant_ext as dq
+
+
+@dataclass
+class ExpertShape:
+    layers: int = 18
+    width: int = 1024
+    mlp: int = 4096
+    heads: int = 8
+    kv_heads: int = 1
+    head_dim: int = 256
+    tokens: int = 50
+    steps: int = 10
+
+
+# Input columns of each weight scaled up by this much (a few per layer). Moderate on purpose: the
+# SVD rotations align with a dominant column rather than spread it, so large weight-column
+# outliers cost per-row int4 dearly; activation outliers (from the norms) are the main case.
+OUTLIER_COLUMN_GAIN = 3.0
+
+SMOKE = ExpertShape(layers=2, width=64, mlp=128, heads=2, kv_heads=1, head_dim=32, tokens=8, steps=3)
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: normalize in float32, scale by (1 + weight)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: ExpertShape):
+        super().__init__()
+        self.s = s
+        self.q_proj = nn.Linear(s.width, s.heads * s.head_dim, bias=False)
+        self.k_proj = nn.Linear(s.width, s.kv_heads * s.head_dim, bias=False)
+        self.v_proj = nn.Linear(s.width, s.kv_heads * s.head_dim, bias=False)
+        self.o_proj = nn.Linear(s.heads * s.head_dim, s.width, bias=False)
+
+    def forward(self, h):
+        s = self.s
+        b, t, _ = h.shape
+        q = self.q_proj(h).view(b, t, s.kv_heads, s.heads // s.kv_heads, s.head_dim).permute(0, 2, 3, 1, 4)
+        k = self.k_proj(h).view(b, t, s.kv_heads, 1, s.head_dim).permute(0, 2, 3, 1, 4)
+        v = self.v_proj(h).view(b, t, s.kv_heads, 1, s.head_dim).permute(0, 2, 3, 1, 4)
+        # Plain softmax attention among the action tokens (all see all), scores in float32.
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(s.head_dim)
+        o = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [b, kv, group, t, d]
+        o = o.permute(0, 3, 1, 2, 4).reshape(b, t, s.heads * s.head_dim)
+        return self.o_proj(o)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, s: ExpertShape):
+        super().__init__()
+        self.gate_proj = nn.Linear(s.width, s.mlp, bias=False)
+        self.up_proj = nn.Linear(s.width, s.mlp, bias=False)
+        self.down_proj = nn.Linear(s.mlp, s.width, bias=False)
+
+    def forward(self, h):
+        return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: ExpertShape):
+        super().__init__()
+        self.input_layernorm = RMSNorm(s.width)
+        self.self_attn = Attention(s)
+        self.post_attention_layernorm = RMSNorm(s.width)
+        self.mlp = GatedMLP(s)
+
+    def forward(self, h):
+        h = h + self.self_attn(self.input_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class ActionExpert(nn.Module):
+    def __init__(self, s: ExpertShape):
+        super().__init__()
+        self.s = s
+        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.layers))
+        self.norm = RMSNorm(s.width)
+        # Euler from t=1 (noise) to t=0: t_i = 1 - i/steps, dt = -1/steps. Time embeddings are
+        # buffers so the whole loop can be captured in one CUDA graph.
+        ts = 1.0 - torch.arange(s.steps, dtype=torch.float32) / s.steps
+        self.register_buffer("time_emb", sinusoidal(ts, s.width))
+        self.dt = -1.0 / s.steps
+
+    def velocity(self, x, i):
+        h = x + self.time_emb[i].to(x.dtype)
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h)
+
+    def forward(self, x):
+        """One policy call: the full flow-matching loop from noise x."""
+        for i in range(self.s.steps):
+            x = x + self.dt * self.velocity(x, i)
+        return x
+
+
+def sinusoidal(t, dim):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    ang = t[:, None] * freqs[None, :] * 1000.0
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+def randomize(model: ActionExpert, seed: int):
+    """Std-0.02 weights with a few outlier input columns per linear; a few RMSNorm channels
+    scaled up so that the linears see outlier activation channels, as in trained models."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                n, k = m.weight.shape
+                w = torch.randn(n, k, generator=g) * 0.02
+                w[:, torch.randperm(k, generator=g)[: max(1, k // 256)]] *= OUTLIER_COLUMN_GAIN
+                m.weight.copy_(w)
+            elif isinstance(m, RMSNorm):
+                d = m.weight.numel()
+                w = torch.randn(d, generator=g) * 0.1
+                w[torch.randperm(d, generator=g)[: max(1, d // 256)]] = 9.0  # (1 + w) = 10x on these channels
+                m.weight.copy_(w)
+
+
+def linear_weight_bytes(model: nn.Module, dtype_bytes: int) -> int:
+    return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def execution_path(module, x) -> str:
+    """module.execution_path, whether it is a property, a method, or a method taking the input."""
+    ep = getattr(module, "execution_path", "-")
+    if callable(ep):
+        try:
+            ep = ep(x)
+        except TypeError:
+            ep = ep()
+    return str(ep)
+
+
+def time_policy(model, x0, repeats, cuda):
+    """Median ms per policy call. CUDA: one graph over the whole loop; returns (ms, spread, how)."""
+    if not cuda:
+        model(x0)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x0)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples), spread(samples), "eager (CPU)"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(x0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    how = "CUDA graph of the 10-step loop"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x0)
+        run = graph.replay
+    except Exception as e:  # noqa: BLE001 - not capturable: eager, stated in the output
+        torch.cuda.synchronize()
+        how = f"eager (graph capture failed: {' '.join(str(e).split())[:80]})"
+        run = lambda: model(x0)  # noqa: E731
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(5):  # a few calls per sample: event resolution and launch jitter amortized
+            run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 5)
+    return statistics.median(samples), spread(samples), how
+
+
+def spread(samples):
+    s = sorted(samples)
+    lo, hi = s[int(0.1 * (len(s) - 1))], s[int(math.ceil(0.9 * (len(s) - 1)))]
+    return (hi - lo) / statistics.median(s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the results to this file")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, eager")
+    args = ap.parse_args()
+
+    cuda = not args.cpu_smoke
+    if cuda and not torch.cuda.is_available():
+        print("action_expert_e2e: no CUDA device; this benchmark times GPU execution. Run it on the GPU machine "
+              "(see benchmarks/README.md), or use --cpu-smoke for a tiny logic check on the CPU.")
+        return 0
+    shape = SMOKE if args.cpu_smoke else ExpertShape()
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.cpu_smoke:
+        args.repeats = min(args.repeats, 3)
+
+    lines = []
+
+    def out(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    gpu = torch.cuda.get_device_name() if cuda else "none (CPU smoke run)"
+    out(f"# action expert end to end, {time.strftime('%Y-%m-%d %H:%M')}, GPU: {gpu}, torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}), command: {' '.join(sys.argv)}")
+    out(f"# {shape.layers} layers, width {shape.width}, MLP {shape.mlp} gated GELU, {shape.heads} heads x "
+        f"{shape.head_dim}, {shape.kv_heads} KV head; {shape.steps} flow-matching steps, batch 1, "
+        f"{shape.tokens} action tokens")
+
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        ref = ActionExpert(shape)
+        randomize(ref, args.seed)
+        ref = ref.to(device).eval()  # float32: the accuracy reference
+        bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+        quant = copy.deepcopy(ref)
+        print("[e2e] packing every linear with dq.quantize_ (W4A8 dynamic)", file=sys.stderr, flush=True)
+        report = dq.quantize_(quant, dq.Config(), include=None)  # packs from the float32 weights
+        quant = quant.to(torch.bfloat16)  # norms and time embeddings to bf16; DuQuantLinear keeps its formats
+        n_linear = sum(isinstance(m, nn.Linear) for m in ref.modules())
+        if len(report) != n_linear:
+            raise SystemExit(f"quantize_ swapped {len(report)} of {n_linear} linears")
+
+        g = torch.Generator().manual_seed(args.seed + 1)
+        x0 = torch.randn(1, shape.tokens, shape.width, generator=g).to(device)
+        x0_bf16 = x0.bfloat16()
+        y_ref = ref(x0)
+        y_bf16 = bf16(x0_bf16)
+        y_dq = quant(x0_bf16)
+        paths = sorted({execution_path(m, x0_bf16[0]) for m in quant.modules() if isinstance(m, dq.DuQuantLinear)})
+        moved = (y_bf16.float() - x0).norm()
+
+        t_bf16, s_bf16, how_bf16 = time_policy(bf16, x0_bf16, args.repeats, cuda)
+        t_dq, s_dq, how_dq = time_policy(quant, x0_bf16, args.repeats, cuda)
+
+    bytes_bf16 = linear_weight_bytes(ref, 2)
+    out(f"linear layers: {n_linear} (all swapped); DuQuantLinear execution path(s): {', '.join(paths)}")
+    out(f"linear weight bytes: bf16 {bytes_bf16 / 1e6:.1f} MB, DuQuant W4A8 {report.bytes_after / 1e6:.1f} MB "
+        f"({report.bytes_after / bytes_bf16:.3f}x)")
+    out(f"output difference: ||x_dq - x_bf16|| / ||x_bf16 - x_0|| = "
+        f"{float((y_dq.float() - y_bf16.float()).norm() / moved):.4f}")
+    out(f"vs float32 model, same relative measure: bf16 {float((y_bf16.float() - y_ref).norm() / moved):.4f}, "
+        f"DuQuant W4A8 {float((y_dq.float() - y_ref).norm() / moved):.4f}")
+    out()
+    out(f"{'policy':<22}{'ms / policy call':>18}{'spread':>9}  timed as")
+    out(f"{'bf16':<22}{t_bf16:>18.3f}{s_bf16:>9.1%}  {how_bf16}")
+    out(f"{'DuQuant W4A8 (all)':<22}{t_dq:>18.3f}{s_dq:>9.1%}  {how_dq}")
+    out(f"headline: DuQuant W4A8 policy call {t_bf16 / t_dq:.2f}x the speed of bf16 "
+        f"({t_bf16:.3f} -> {t_dq:.3f} ms, {shape.steps} steps x {shape.tokens} tokens)")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"[e2e] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
