@@ -43,7 +43,10 @@ py::object optional_tensor(const torch::Tensor& t) { return t.defined() ? py::ca
 
 }  // namespace
 
+void bind_fast_path(py::module_& m);  // bind_fast_path.cpp
+
 PYBIND11_MODULE(_C, m) {
+  bind_fast_path(m);
   m.doc() = "duquant compiled core: Config, LayerPack, pack_linear";
 
   py::class_<Config>(m, "Config", R"doc(DuQuant settings (DESIGN.md section 2).

@@ -28,8 +28,9 @@ class DuQuantLinearImpl : public torch::nn::Module {
   int64_t out_features() const { return out_features_; }
   // The module's current buffers as a pack (shares storage).
   LayerPack pack() const;
-  // Which implementation forward uses for this input ("reference" until the CUDA path lands).
-  std::string execution_path() const { return "reference"; }
+  // Which implementation forward uses for inputs on the buffers' device: "cuda" (the fast kernels)
+  // or "reference (<why not cuda>)".
+  std::string execution_path() const;
 
   void pretty_print(std::ostream& stream) const override;
 

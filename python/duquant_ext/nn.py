@@ -44,6 +44,16 @@ class DuQuantLinear(nn.Module):
                                   config, name)
         return cls.from_pack(pack)
 
+    @property
+    def config(self) -> _C.Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: _C.Config) -> None:
+        self._config = config
+        # Plain Python values for forward: torch.compile traces these, not a pybind11 object.
+        self._op_args = (int(config.wbits), int(config.abits), str(config.act))
+
     def _set_pack(self, pack: _C.LayerPack) -> None:
         self.config = pack.config
         self.in_features = pack.in_features
@@ -79,7 +89,11 @@ class DuQuantLinear(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     @property
     def execution_path(self) -> str:
-        return "reference"
+        """``"cuda"`` when forward runs the fast kernels for inputs on this layer's device, else
+        ``"reference (<why>)"``."""
+        why = _C.fast_path_blocker(self.in_features, self.out_features, self.config,
+                                   {n: getattr(self, n) for n in ("qweight", "r_in", "r_out")})
+        return "cuda" if not why else f"reference ({why})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantize_acts = True
@@ -88,9 +102,10 @@ class DuQuantLinear(nn.Module):
                 x.detach(), self.perm, self.r_in, self.act_scale, self.calib_state, self.config.abits,
                 self.config.act, self.config.act_pct, self.config.calib_steps)
             quantize_acts = False  # this batch was a calibration batch
+        wbits, abits, act = self._op_args
         return torch.ops.duquant.linear(
             x, self.qweight, self.w_scale, self.perm, self.r_in, self.r_out, self.bias, self.act_scale,
-            self.in_features, self.config.wbits, self.config.abits, self.config.act, quantize_acts)
+            self.in_features, wbits, abits, act, quantize_acts)
 
     # ---- nn.Module plumbing -------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):

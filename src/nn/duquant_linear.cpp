@@ -1,6 +1,7 @@
 #include "duquant/duquant_linear.h"
 
 #include "duquant/act_quant.h"
+#include "duquant/fast_path.h"
 #include "duquant/pack_linear.h"
 #include "duquant/reference_forward.h"
 
@@ -76,13 +77,18 @@ void DuQuantLinearImpl::reset_calibration() {
 
 torch::Tensor DuQuantLinearImpl::forward(const torch::Tensor& x) {
   auto layer = pack();
-  if (calibrated()) return reference_forward(x, layer, /*quantize_acts=*/true);
+  if (calibrated()) return linear_forward(x, layer, /*quantize_acts=*/true);
   check_layer_input(x, layer);
   auto xt = input_transform(x.reshape({-1, in_features_}).to(torch::kFloat32), layer.perm, layer.r_in);
   observe_activations(xt, layer.act_scale, layer.calib_state, config_);
   auto out_shape = x.sizes().vec();
   out_shape.back() = out_features_;
   return linear_from_transformed(xt, layer, /*quantize_acts=*/false).reshape(out_shape).to(x.scalar_type());
+}
+
+std::string DuQuantLinearImpl::execution_path() const {
+  const auto why = fast_path_blocker(pack());
+  return why.empty() ? "cuda" : "reference (" + why + ")";
 }
 
 void DuQuantLinearImpl::pretty_print(std::ostream& stream) const {

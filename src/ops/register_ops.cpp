@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "duquant/act_quant.h"
+#include "duquant/fast_path.h"
 #include "duquant/reference_forward.h"
 
 namespace duquant {
@@ -39,7 +40,30 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
                      const c10::optional<at::Tensor>& act_scale, int64_t in_features, int64_t wbits, int64_t abits,
                      c10::string_view act, bool quantize_acts) {
   auto layer = layer_from_args(qweight, w_scale, perm, r_in, r_out, bias, act_scale, in_features, wbits, abits, act);
-  return reference_forward(x, layer, quantize_acts);
+  return linear_forward(x, layer, quantize_acts);
+}
+
+// Shapes only: lets torch.compile / FakeTensor trace the op without running it.
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>&,
+                       const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t in_features,
+                       int64_t, int64_t, c10::string_view, bool) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "duquant::linear: input's last dimension must be ",
+              in_features, ", got ", x.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = qweight.size(0);
+  return at::empty(shape, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_input_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm,
+                                                     const at::Tensor& r_in,
+                                                     const c10::optional<at::Tensor>& static_scale, int64_t abits) {
+  return quantize_input(x, perm ? *perm : at::Tensor(), r_in, static_scale ? *static_scale : at::Tensor(), abits);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_input_meta(const at::Tensor& x, const c10::optional<at::Tensor>&,
+                                                       const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {
+  return {at::empty(x.sizes(), x.options().dtype(at::kChar)), at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
 }
 
 void observe_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm, const at::Tensor& r_in,
@@ -60,12 +84,23 @@ void observe_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm, cons
 TORCH_LIBRARY(duquant, m) {
   m.def(
       "linear(Tensor x, Tensor qweight, Tensor? w_scale, Tensor? perm, Tensor r_in, Tensor? r_out, Tensor? bias, "
-      "Tensor? act_scale, int in_features, int wbits, int abits, str act, bool quantize_acts) -> Tensor",
-      &linear_op);
+      "Tensor? act_scale, int in_features, int wbits, int abits, str act, bool quantize_acts) -> Tensor");
+  m.def("quantize_input(Tensor x, Tensor? perm, Tensor r_in, Tensor? static_scale, int abits) -> (Tensor, Tensor)");
   m.def(
       "observe_activations(Tensor x, Tensor? perm, Tensor r_in, Tensor(a!) act_scale, Tensor(b!) calib_state, "
       "int abits, str act, float act_pct, int calib_steps) -> ()",
       &observe_op);
+}
+
+// One implementation for every backend (it picks the CUDA kernels itself), a shape-only one for Meta.
+TORCH_LIBRARY_IMPL(duquant, CompositeExplicitAutograd, m) {
+  m.impl("linear", &linear_op);
+  m.impl("quantize_input", &quantize_input_op);
+}
+
+TORCH_LIBRARY_IMPL(duquant, Meta, m) {
+  m.impl("linear", &linear_meta);
+  m.impl("quantize_input", &quantize_input_meta);
 }
 
 }  // namespace duquant

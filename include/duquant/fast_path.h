@@ -1,0 +1,33 @@
+#pragma once
+// The CUDA fast path (DESIGN.md §2, "two execution paths, one answer"): int8 activation codes from one
+// fused input kernel, an integer GEMM with the scale/restore/bias epilogue fused in. linear_forward()
+// is what every entry point calls: it takes the fast path when it can and the reference otherwise.
+
+#include <string>
+#include <tuple>
+
+#include <torch/torch.h>
+
+#include "duquant/layer_pack.h"
+
+namespace duquant {
+
+// True when the library was built with its CUDA kernels.
+bool fast_path_built();
+
+// Why the fast path cannot run `layer` ("" when it can). With x defined, x's device and dtype are
+// checked too; without, only the layer (its buffers' device included). Reasons are short phrases
+// for a repr, e.g. "reference: static_channel scales are per input channel".
+std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x = torch::Tensor());
+
+// y = layer(x), fast path when fast_path_blocker(layer, x) is empty and activations are quantized,
+// reference path otherwise. x: [..., K] float32/float16/bfloat16; the result has x's dtype.
+torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts = true);
+
+// The fast path's input kernel alone, for tests: x [T, K] -> (int8 codes [T, K], float32 scales [T]).
+// On CPU tensors it runs the reference's transform and quantizer, so the two can be compared.
+std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,
+                                                        const torch::Tensor& r_in, const torch::Tensor& static_scale,
+                                                        int64_t abits);
+
+}  // namespace duquant

@@ -1,0 +1,70 @@
+#pragma once
+// duquant's CUDA kernels: torch-free entry points (parameter structs, raw device pointers, a stream).
+// The torch glue in src/fast/ checks shapes and dtypes, allocates and picks the stream; these
+// functions trust their parameters and only launch. Layouts are documented in kernels/README.md.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace duquant {
+namespace kernels {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ---- input side: x -> permute -> block rotations -> per-token (or static) scale -> int8 codes ----
+// The transform is a list of stages so DESIGN §3's general form (per-channel smoothing, a second
+// permutation and rotation) can be appended without changing the kernel's structure.
+struct InputTransform {
+  const float* smooth = nullptr;    // [K] divide x by it first (DESIGN §3); nullptr = no smoothing
+  const int64_t* perm = nullptr;    // [K] x~[:, j] = x[:, perm[j]]; nullptr = identity
+  const float* r_in = nullptr;      // [ceil(K/B), B, B] row-major blocks; a short last block sits in identity
+  int block = 16;                   // B
+};
+
+struct ActQuantParams {
+  const void* x = nullptr;          // [M, K] row-major, row stride x_stride elements
+  DType x_dtype = DType::kFloat32;
+  int64_t x_stride = 0;
+  int64_t m = 0, k = 0;
+  InputTransform transform;
+  int abits = 8;                    // codes in [-2^(a-1), 2^(a-1)-1]
+  const float* static_scale = nullptr;  // [1] act=static; nullptr = dynamic per-token scales
+  int8_t* codes = nullptr;          // [M, codes_stride] out; columns k..codes_stride-1 are written as 0
+  int64_t codes_stride = 0;
+  float* scales = nullptr;          // [M] out: the scale each token was quantized with
+  // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
+  void* x_out = nullptr;            // [M, codes_stride] (x_dtype), used when abits == 0
+};
+
+// Launches the fused input kernel; returns the launch status.
+cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream);
+
+// ---- integer GEMM with the DuQuant epilogue ----
+// y[m, n] = restore( s_t[m] * s_n[n] * sum_k a[m, k] * w[n, k] ) + bias[n], cast to out_dtype.
+// a: int8 codes [M, a_stride] (K padded with zero codes to a multiple of 32).
+// w: wbits <= 4: uint8 [N, K/2], two's-complement nibbles, column 2j in the low nibble (the pack's
+//    own layout, DESIGN §4); wbits 5..8: int8 [N, K]. K must be a multiple of 32 (16-byte rows).
+struct IntGemmParams {
+  const int8_t* a = nullptr;
+  int64_t a_stride = 0;
+  const float* a_scale = nullptr;   // [M] per-token, or [1] when a_scale_per_tensor
+  bool a_scale_per_tensor = false;
+  const void* w = nullptr;
+  int wbits = 4;
+  const float* w_scale = nullptr;   // [N]
+  const float* r_out = nullptr;     // [ceil(N/Bo), Bo, Bo] or nullptr (row_rot=none)
+  int block_out = 16;               // Bo
+  const float* bias = nullptr;      // [N] or nullptr
+  void* y = nullptr;                // [M, N] row-major, out_dtype
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0;
+  int num_sms = 132;                // for picking the tile shape
+};
+
+// True when the GEMM kernels can run these sizes (K % 32 == 0, Bo divides a tile width).
+bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
+cudaError_t int_gemm(const IntGemmParams& p, cudaStream_t stream);
+
+}  // namespace kernels
+}  // namespace duquant

@@ -1,0 +1,292 @@
+// Integer GEMM of the fast path: int8 activation codes x int4 (or int8) weight codes on the tensor
+// cores (mma.sync m16n8k32, int32 accumulation), with DuQuant's epilogue fused: y'' = s_t s_n acc,
+// the output block restore (a Bo x Bo rotation per group of Bo output columns), bias, cast.
+//
+// Weights are read in the pack's own layout ([N, K/2] bytes, low nibble = even column), so a pack
+// file needs no kernel-specific copy. Within each 128-wide k chunk, thread t of a quad owns the 32
+// consecutive k values 32t..32t+31; the MMA's logical k order is a permutation of that, applied to
+// activations and weights alike, which leaves the dot product unchanged and lets every thread fetch
+// its operands with 16-byte shared-memory reads and unpack 8 nibbles with two byte permutes.
+// Nibbles are unpacked into the high half of each byte (value x 16), and the sum is shifted back.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "duquant_kernels/kernels.h"
+
+namespace duquant {
+namespace kernels {
+namespace {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 zero-fills without reading.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 8 packed nibbles (k = 0..7, low nibble first) -> two int8x4 registers holding 16 x value.
+__device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t even = (w << 4) & 0xF0F0F0F0u;  // nibbles 0, 2, 4, 6 in the high halves of bytes 0..3
+  const uint32_t odd = w & 0xF0F0F0F0u;          // nibbles 1, 3, 5, 7
+  lo = __byte_perm(even, odd, 0x5140);           // k 0, 1, 2, 3
+  hi = __byte_perm(even, odd, 0x7362);           // k 4, 5, 6, 7
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void store_out(void* y, DType dt, int64_t idx, float v) {
+  switch (dt) {
+    case DType::kFloat16: static_cast<__half*>(y)[idx] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(y)[idx] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(y)[idx] = v; break;
+  }
+}
+
+// BM x BN output tile per CTA; WM x WN x WK warps (WK > 1 splits each stage's k range among warps
+// and sums their partial tiles in shared memory); STAGES-deep cp.async pipeline.
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+struct Tile {
+  static constexpr int kThreads = 32 * WM * WN * WK;
+  static constexpr int KS = 128 * WK;  // k per stage
+  static constexpr int MT = BM / WM / 16;
+  static constexpr int NT = BN / WN / 8;
+  static constexpr bool kInt4 = WBITS <= 4;
+  // Row strides chosen so the 16-byte fragment reads of a quarter warp hit distinct banks.
+  static constexpr int A_STRIDE = KS + 16;
+  static constexpr int B_ROW = kInt4 ? KS / 2 : KS;
+  static constexpr int B_STRIDE = kInt4 ? (B_ROW % 128 == 64 ? B_ROW : B_ROW + 64) : B_ROW + 16;
+  static constexpr int A_BYTES = BM * A_STRIDE;
+  static constexpr int STAGE_BYTES = A_BYTES + BN * B_STRIDE;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int EPI_STRIDE = BN + 4;  // floats
+  static constexpr int EPI_BYTES = BM * EPI_STRIDE * 4;
+  static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  static_assert(MT >= 1 && NT >= 1 && BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile shape");
+};
+
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+__global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThreads)
+    int_gemm_kernel(IntGemmParams p) {
+  using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp % WM, wn = (warp / WM) % WN, wk = warp / (WM * WN);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t w_row_bytes = T::kInt4 ? p.k / 2 : p.k;
+  const auto* a_g = reinterpret_cast<const unsigned char*>(p.a);
+  const auto* w_g = static_cast<const unsigned char*>(p.w);
+  const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
+
+  auto load_stage = [&](int stage, int slot) {
+    unsigned char* sa = smem + slot * T::STAGE_BYTES;
+    unsigned char* sb = sa + T::A_BYTES;
+    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
+    constexpr int A_CHUNKS = BM * T::KS / 16;
+    for (int c = tid; c < A_CHUNKS; c += T::kThreads) {
+      const int r = c / (T::KS / 16), col = (c % (T::KS / 16)) * 16;
+      const int64_t gm = m0 + r, gk = k0 + col;
+      const bool ok = gm < p.m && gk < p.k;
+      cp_async16(sa + r * T::A_STRIDE + col, ok ? a_g + gm * p.a_stride + gk : a_g, ok);
+    }
+    constexpr int B_CHUNKS = BN * T::B_ROW / 16;
+    const int64_t kb0 = T::kInt4 ? k0 / 2 : k0;
+    for (int c = tid; c < B_CHUNKS; c += T::kThreads) {
+      const int r = c / (T::B_ROW / 16), col = (c % (T::B_ROW / 16)) * 16;
+      const int64_t gn = n0 + r, gb = kb0 + col;
+      const bool ok = gn < p.n && gb < w_row_bytes;
+      cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
+    }
+  };
+
+  int acc[T::MT][T::NT][4];
+#pragma unroll
+  for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_stages) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int stage = 0; stage < num_stages; ++stage) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `stage` has landed for everyone; slot (stage-1) % STAGES is free again
+    {
+      const int next = stage + STAGES - 1;
+      if (next < num_stages) load_stage(next, next % STAGES);
+      cp_async_commit();
+    }
+    const unsigned char* sa = smem + (stage % STAGES) * T::STAGE_BYTES;
+    const unsigned char* sb = sa + T::A_BYTES;
+    const unsigned char* a_base = sa + (wm * (BM / WM) + g) * T::A_STRIDE + wk * 128 + 32 * t;
+    const unsigned char* b_base = sb + (wn * (BN / WN) + g) * T::B_STRIDE + wk * (T::kInt4 ? 64 : 128) +
+                                  (T::kInt4 ? 16 : 32) * t;
+    uint4 b4[T::NT];
+    if constexpr (T::kInt4) {
+#pragma unroll
+      for (int j = 0; j < T::NT; ++j) b4[j] = *reinterpret_cast<const uint4*>(b_base + j * 8 * T::B_STRIDE);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 alo[T::MT], ahi[T::MT];
+#pragma unroll
+      for (int i = 0; i < T::MT; ++i) {
+        alo[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16) * T::A_STRIDE + 16 * h);
+        ahi[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16 + 8) * T::A_STRIDE + 16 * h);
+      }
+      uint4 b8[T::NT];
+      if constexpr (!T::kInt4) {
+#pragma unroll
+        for (int j = 0; j < T::NT; ++j) b8[j] = *reinterpret_cast<const uint4*>(b_base + j * 8 * T::B_STRIDE + 16 * h);
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {  // k step s = 2h + q
+#pragma unroll
+        for (int j = 0; j < T::NT; ++j) {
+          uint32_t b0, b1;
+          if constexpr (T::kInt4) {
+            unpack_nibbles_x16(word(b4[j], 2 * h + q), b0, b1);
+          } else {
+            b0 = word(b8[j], 2 * q);
+            b1 = word(b8[j], 2 * q + 1);
+          }
+#pragma unroll
+          for (int i = 0; i < T::MT; ++i)
+            mma_s8(acc[i][j], word(alo[i], 2 * q), word(ahi[i], 2 * q), word(alo[i], 2 * q + 1),
+                   word(ahi[i], 2 * q + 1), b0, b1);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // pipeline buffers are reused for the epilogue tile
+
+  // ---- epilogue: sum k-split partials, scale, restore, bias, cast ----
+  int* tile_i = reinterpret_cast<int*>(smem);
+  float* tile_f = reinterpret_cast<float*>(smem);
+  if (WK > 1) {
+    for (int e = tid; e < BM * T::EPI_STRIDE; e += T::kThreads) tile_i[e] = 0;
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < T::NT; ++j) {
+      const int r = wm * (BM / WM) + i * 16 + g;
+      const int c = wn * (BN / WN) + j * 8 + 2 * t;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int* dst = &tile_i[(r + (e >= 2 ? 8 : 0)) * T::EPI_STRIDE + c + (e & 1)];
+        if (WK > 1) atomicAdd(dst, acc[i][j][e]);
+        else *dst = acc[i][j][e];
+      }
+    }
+  __syncthreads();
+  for (int e = tid; e < BM * BN; e += T::kThreads) {
+    const int r = e / BN, c = e % BN;
+    const int64_t gm = m0 + r, gn = n0 + c;
+    float v = 0.f;  // padding rows/columns must be exact zeros: the restore sums over them
+    if (gm < p.m && gn < p.n) {
+      const int raw = tile_i[r * T::EPI_STRIDE + c];
+      const float st = p.a_scale_per_tensor ? __ldg(p.a_scale) : __ldg(p.a_scale + gm);
+      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * st * __ldg(p.w_scale + gn);
+    }
+    tile_f[r * T::EPI_STRIDE + c] = v;
+  }
+  __syncthreads();
+  const int bo = p.block_out;
+  for (int e = tid; e < BM * BN; e += T::kThreads) {
+    const int r = e / BN, c = e % BN;
+    const int64_t gm = m0 + r, gn = n0 + c;
+    if (gm >= p.m || gn >= p.n) continue;
+    float v;
+    if (p.r_out) {
+      // y[:, blk] = y''[:, blk] * R_out[blk]; the tile holds whole blocks (BN % Bo == 0).
+      const int cb = c % bo, c0 = c - cb;
+      const float* rcol = p.r_out + (n0 + c0) / bo * bo * bo + cb;
+      const float* yrow = tile_f + r * T::EPI_STRIDE + c0;
+      v = 0.f;
+      for (int q = 0; q < bo; ++q) v = fmaf(yrow[q], __ldg(rcol + q * bo), v);
+    } else {
+      v = tile_f[r * T::EPI_STRIDE + c];
+    }
+    if (p.bias) v += __ldg(p.bias + gn);
+    store_out(p.y, p.out_dtype, gm * p.n + gn, v);
+  }
+}
+
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
+  using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
+  auto kernel = int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>;
+  if (T::SMEM_BYTES > 48 * 1024) {
+    // Per device and instantiation, once: raising the limit is a host call, keep it off the hot path.
+    static bool raised[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || !raised[dev]) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
+      if (e != cudaSuccess) return e;
+      if (dev < 64) raised[dev] = true;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
+  kernel<<<grid, T::kThreads, T::SMEM_BYTES, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int WBITS>
+cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
+  const int bo = p.r_out ? p.block_out : 1;
+  if (p.m <= 16) {
+    // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
+    const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+    return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
+  }
+  if (p.m <= 128) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
+  return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+}
+
+}  // namespace
+
+bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out) {
+  if (k <= 0 || n <= 0 || k % 32 != 0 || wbits < 2 || wbits > 8) return false;
+  if (has_r_out && !(block_out >= 1 && (16 % block_out == 0 || block_out == 32))) return false;
+  return true;
+}
+
+cudaError_t int_gemm(const IntGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  return p.wbits <= 4 ? dispatch<4>(p, stream) : dispatch<8>(p, stream);
+}
+
+}  // namespace kernels
+}  // namespace duquant

@@ -1,0 +1,28 @@
+// Python bindings of the CUDA fast path's status, used by DuQuantLinear.execution_path.
+#include <torch/extension.h>
+
+#include "duquant/fast_path.h"
+
+namespace py = pybind11;
+
+void bind_fast_path(py::module_& m) {
+  m.def("fast_path_built", &duquant::fast_path_built, "True when the library was built with its CUDA kernels.");
+  m.def(
+      "fast_path_blocker",
+      [](int64_t in_features, int64_t out_features, const duquant::Config& config, py::dict tensors) {
+        duquant::LayerPack p;
+        p.config = config;
+        p.in_features = in_features;
+        p.out_features = out_features;
+        auto get = [&](const char* key) {
+          return tensors.contains(key) && !tensors[key].is_none() ? py::cast<torch::Tensor>(tensors[key])
+                                                                  : torch::Tensor();
+        };
+        p.qweight = get("qweight");
+        p.r_in = get("r_in");
+        p.r_out = get("r_out");
+        return duquant::fast_path_blocker(p);
+      },
+      py::arg("in_features"), py::arg("out_features"), py::arg("config"), py::arg("tensors"),
+      "Why the CUDA fast path cannot run a layer with these buffers (\"\" when it can).");
+}

@@ -1,0 +1,69 @@
+#include "duquant/fast_path.h"
+
+#include "duquant/act_quant.h"
+#include "duquant/reference_forward.h"
+
+#ifdef DUQUANT_WITH_CUDA
+#include "fast_path_cuda.h"
+#endif
+
+namespace duquant {
+
+bool fast_path_built() {
+#ifdef DUQUANT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
+  if (!fast_path_built()) return "built without CUDA kernels";
+  const auto device = x.defined() ? x.device() : layer.qweight.device();
+  if (!device.is_cuda()) return std::string("input on ") + device.str();
+  if (x.defined()) {
+    const auto dt = x.scalar_type();
+    if (dt != torch::kFloat32 && dt != torch::kFloat16 && dt != torch::kBFloat16) return "input dtype";
+  }
+  const Config& c = layer.config;
+  if (!c.quantize_weights()) return "unquantized weights (wbits=" + std::to_string(c.wbits) + ")";
+  if (!c.quantize_acts()) return "weight-only (abits=0) has no CUDA kernel yet";
+  if (c.act == ActMode::kStaticChannel) return "static_channel scales are per input channel";
+  if (layer.in_features % 32 != 0) return "in_features=" + std::to_string(layer.in_features) + " not a multiple of 32";
+  if (layer.r_out.defined()) {
+    const auto bo = c.effective_block_out();
+    if (!(16 % bo == 0 || bo == 32)) return "block_out=" + std::to_string(bo) + " (kernels take 1-16 or 32)";
+  }
+#ifdef DUQUANT_WITH_CUDA
+  return cuda_fast::device_blocker(layer, device);
+#else
+  return "built without CUDA kernels";
+#endif
+}
+
+torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts) {
+#ifdef DUQUANT_WITH_CUDA
+  if (quantize_acts && x.defined() && x.is_cuda() && fast_path_blocker(layer, x).empty()) {
+    check_layer_input(x, layer);
+    return cuda_fast::forward(x, layer);
+  }
+#endif
+  return reference_forward(x, layer, quantize_acts);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,
+                                                        const torch::Tensor& r_in, const torch::Tensor& static_scale,
+                                                        int64_t abits) {
+  TORCH_CHECK(x.dim() == 2, "quantize_input: x must be [tokens, in_features], got ", x.sizes());
+  TORCH_CHECK(abits >= 2 && abits <= 8, "quantize_input: abits must be 2..8, got ", abits);
+#ifdef DUQUANT_WITH_CUDA
+  if (x.is_cuda()) return cuda_fast::quantize_input(x, perm, r_in, static_scale, abits);
+#endif
+  auto xt = input_transform(x.to(torch::kFloat32), perm, r_in);
+  auto scale = static_scale.defined() ? static_scale.to(torch::kFloat32).expand({xt.size(0), 1})
+                                      : dynamic_act_scales(xt, abits);
+  auto codes = act_codes(xt, scale, abits).to(torch::kInt8);
+  return {codes, scale.reshape({-1}).contiguous()};
+}
+
+}  // namespace duquant

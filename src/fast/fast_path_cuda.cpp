@@ -1,0 +1,121 @@
+// Torch glue of the CUDA fast path: checks, allocation, the current stream, dispatch to kernels/.
+#include "fast_path_cuda.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "duquant/reference_forward.h"
+#include "duquant_kernels/kernels.h"
+
+namespace duquant {
+namespace cuda_fast {
+namespace {
+
+kernels::DType kernel_dtype(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat16: return kernels::DType::kFloat16;
+    case torch::kBFloat16: return kernels::DType::kBFloat16;
+    case torch::kFloat32: return kernels::DType::kFloat32;
+    default: TORCH_CHECK(false, "duquant fast path: unsupported dtype ", t);
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "duquant fast path: ", what, " failed: ", cudaGetErrorString(e));
+}
+
+const float* f32_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T].
+void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const torch::Tensor& r_in,
+                      const torch::Tensor& static_scale, int64_t abits, torch::Tensor& codes, torch::Tensor& scales,
+                      cudaStream_t stream) {
+  kernels::ActQuantParams p;
+  p.x = x2d.data_ptr();
+  p.x_dtype = kernel_dtype(x2d.scalar_type());
+  p.x_stride = x2d.stride(0);
+  p.m = x2d.size(0);
+  p.k = x2d.size(1);
+  p.transform.perm = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
+  p.transform.r_in = r_in.data_ptr<float>();
+  p.transform.block = static_cast<int>(r_in.size(1));
+  p.abits = static_cast<int>(abits);
+  p.static_scale = f32_or_null(static_scale);
+  p.codes = codes.data_ptr<int8_t>();
+  p.codes_stride = codes.size(1);
+  p.scales = scales.data_ptr<float>();
+  check(kernels::act_quant(p, stream), "input kernel launch");
+}
+
+torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
+  auto x2 = x.reshape({-1, k});
+  return x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+}  // namespace
+
+std::string device_blocker(const LayerPack& layer, const torch::Device& device) {
+  const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
+  const int64_t kpad = (layer.in_features + block - 1) / block * block;
+  const auto* prop = at::cuda::getDeviceProperties(device.index() < 0 ? at::cuda::current_device() : device.index());
+  if (prop->major < 8) return "needs compute capability 8.0+ (int8 mma.sync)";
+  if (static_cast<size_t>(kpad) * sizeof(float) > prop->sharedMemPerBlockOptin)
+    return "in_features=" + std::to_string(layer.in_features) + " exceeds one CTA's shared memory";
+  return "";
+}
+
+torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t k = layer.in_features, n = layer.out_features;
+  auto x2d = rows_contiguous(x, k);
+  const int64_t m = x2d.size(0);
+  const Config& cfg = layer.config;
+  const bool per_tensor = cfg.act == ActMode::kStatic;
+
+  auto codes = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+  auto scales = torch::empty({m}, x.options().dtype(torch::kFloat32));
+  run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(), cfg.abits, codes,
+                   scales, stream);
+
+  auto y = torch::empty({m, n}, x.options());
+  kernels::IntGemmParams p;
+  p.a = codes.data_ptr<int8_t>();
+  p.a_stride = k;
+  p.a_scale = scales.data_ptr<float>();
+  p.a_scale_per_tensor = false;  // the input kernel writes the static scale per token too
+  p.w = layer.qweight.data_ptr();
+  p.wbits = static_cast<int>(cfg.wbits);
+  p.w_scale = layer.w_scale.data_ptr<float>();
+  p.r_out = f32_or_null(layer.r_out);
+  p.block_out = static_cast<int>(layer.r_out.defined() ? layer.r_out.size(1) : 1);
+  p.bias = f32_or_null(layer.bias);
+  p.y = y.data_ptr();
+  p.out_dtype = kernel_dtype(x.scalar_type());
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  check(kernels::int_gemm(p, stream), "GEMM launch");
+
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  return y.view(out_shape);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d_in, const torch::Tensor& perm,
+                                                        const torch::Tensor& r_in, const torch::Tensor& static_scale,
+                                                        int64_t abits) {
+  const c10::cuda::CUDAGuard guard(x2d_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(x2d_in.device().index()).stream();
+  auto x2d = rows_contiguous(x2d_in, x2d_in.size(1));
+  auto codes = torch::empty({x2d.size(0), x2d.size(1)}, x2d.options().dtype(torch::kInt8));
+  auto scales = torch::empty({x2d.size(0)}, x2d.options().dtype(torch::kFloat32));
+  auto st = static_scale.defined() ? static_scale.to(torch::kFloat32).contiguous() : static_scale;
+  run_input_kernel(x2d, perm.defined() ? perm.contiguous() : perm, r_in.contiguous(), st, abits, codes, scales,
+                   stream);
+  return {codes, scales};
+}
+
+}  // namespace cuda_fast
+}  // namespace duquant

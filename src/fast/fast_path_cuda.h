@@ -1,0 +1,22 @@
+#pragma once
+// Internal: the CUDA side of the fast path (src/fast/fast_path_cuda.cpp, built with DUQUANT_WITH_CUDA).
+
+#include <string>
+#include <tuple>
+
+#include <torch/torch.h>
+
+#include "duquant/layer_pack.h"
+
+namespace duquant {
+namespace cuda_fast {
+
+// Size limits that need the device (shared memory of the input kernel); "" when the layer fits.
+std::string device_blocker(const LayerPack& layer, const torch::Device& device);
+torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer);
+std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,
+                                                        const torch::Tensor& r_in, const torch::Tensor& static_scale,
+                                                        int64_t abits);
+
+}  // namespace cuda_fast
+}  // namespace duquant
