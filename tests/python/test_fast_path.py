@@ -42,9 +42,15 @@ def outlier_linear(n, k, bias, seed):
     return lin
 
 
-def poison_next_allocation(*shapes_dtypes):
-    """Fill the caching allocator's next blocks with NaN so an unwritten output shows up."""
-    blocks = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes]
+def poison_next_allocation(*shapes_dtypes, byte=None):
+    """Fill the caching allocator's next blocks with NaN (float) or `byte` (integer tensors) so an
+    unwritten output shows up."""
+    blocks = []
+    for s, d in shapes_dtypes:
+        if d.is_floating_point:
+            blocks.append(torch.full(s, float("nan"), dtype=d, device="cuda"))
+        else:  # every int8 value can be a real code: callers compare two runs with different poison
+            blocks.append(torch.full(s, byte, dtype=torch.uint8, device="cuda"))
     del blocks
 
 
@@ -80,10 +86,13 @@ def test_input_codes_equal_reference(dtype, m, k, block, static):
     scale = torch.tensor([0.05]) if static else None
     for abits in (8, 4):
         ref_codes, ref_scales = torch.ops.duquant.quantize_input(x, perm, r_in, scale, abits)
-        poison_next_allocation(((m, k), torch.int8), ((m,), torch.float32))
-        codes, scales = torch.ops.duquant.quantize_input(x.cuda(), perm.cuda(), r_in.cuda(),
-                                                         None if scale is None else scale.cuda(), abits)
-        codes, scales = codes.cpu(), scales.cpu()
+        runs = []
+        for byte in (0x5A, 0xA5):
+            poison_next_allocation(((m, k), torch.int8), ((m,), torch.float32), byte=byte)
+            runs.append(torch.ops.duquant.quantize_input(x.cuda(), perm.cuda(), r_in.cuda(),
+                                                         None if scale is None else scale.cuda(), abits))
+        assert torch.equal(runs[0][0], runs[1][0]), "a code was never written (differs with the poison)"
+        codes, scales = runs[0][0].cpu(), runs[0][1].cpu()
         assert torch.isfinite(scales).all()
         torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=0)
         diff = (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs()
