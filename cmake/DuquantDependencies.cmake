@@ -23,6 +23,16 @@ if(NOT TARGET nlohmann_json::nlohmann_json)
     INTERFACE_INCLUDE_DIRECTORIES "${NLOHMANN_JSON_INCLUDE_DIR}")
 endif()
 
+# CLI11 (header-only) for the command-line tools in tools/ (DUQUANT_BUILD_TOOLS).
+find_package(CLI11 2 QUIET CONFIG)
+if(NOT TARGET CLI11::CLI11)
+  find_path(CLI11_INCLUDE_DIR CLI/CLI.hpp HINTS ${DUQUANT_EXTRA_INCLUDE})
+  if(CLI11_INCLUDE_DIR)
+    add_library(CLI11::CLI11 INTERFACE IMPORTED)
+    set_target_properties(CLI11::CLI11 PROPERTIES INTERFACE_INCLUDE_DIRECTORIES "${CLI11_INCLUDE_DIR}")
+  endif()
+endif()
+
 # Header-only dependencies used inside the library only (not part of its interface).
 add_library(duquant_header_deps INTERFACE)
 target_link_libraries(duquant_header_deps INTERFACE Eigen3::Eigen nlohmann_json::nlohmann_json)

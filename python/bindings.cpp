@@ -45,7 +45,10 @@ py::object optional_tensor(const torch::Tensor& t) { return t.defined() ? py::ca
 
 void bind_fast_path(py::module_& m);  // bind_fast_path.cpp
 
+void bind_batch_pack(py::module_& m);  // bind_batch_pack.cpp
+
 PYBIND11_MODULE(_C, m) {
+  bind_batch_pack(m);
   bind_fast_path(m);
   m.doc() = "duquant compiled core: Config, LayerPack, pack_linear";
 

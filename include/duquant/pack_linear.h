@@ -1,6 +1,8 @@
 #pragma once
 // The packer: from a float nn.Linear weight to a LayerPack (DESIGN.md §2).
 
+#include <vector>
+
 #include <c10/util/Optional.h>
 #include <torch/torch.h>
 
@@ -15,6 +17,22 @@ namespace duquant {
 LayerPack pack_linear(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, const Config& config,
                       const std::string& where = "weight");
 
+// The packer over a stack of L layers of one shape and config: weights float64 [L, N, K] on one
+// device, `biases` L tensors [N] or undefined. Every step runs batched over the stack (one eigensolver
+// call per side and block width), so grouping equal layers costs one pass instead of L. A layer's
+// pack is bit-identical whether it is packed alone (pack_linear is the L = 1 case) or in a stack on
+// the CPU; on CUDA, batched reductions may round differently. Packs land on the weights' device.
+// Inputs are not checked here: run check_linear_weight on every layer first.
+std::vector<LayerPack> pack_weight_stack(const torch::Tensor& weights, const std::vector<torch::Tensor>& biases,
+                                         const Config& config);
+
+// What pack_linear refuses, without packing: rank, dtype, empty weight, bias shape/dtype/device,
+// NaN/Inf in the bias and (when check_weight_values) in the weight. Throws std::invalid_argument
+// starting with `where`. check_weight_values=false skips the one pass over the weight's values,
+// for callers that check a whole stack at once (check_weight_values=true then names the culprit).
+void check_linear_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                         const std::string& where, bool check_weight_values = true);
+
 // ---- pieces of the packer, exposed for tests and for other backends ----
 
 // Energy-interleaving permutation (int64 [K]) of the columns of w (float64 [N, K]).
@@ -22,10 +40,12 @@ torch::Tensor channel_permutation(const torch::Tensor& w, double ls);
 
 // For blocks of `block` consecutive columns of m (float64 [R, C]): eigenvectors of each block's
 // Gram matrix m_blk^T m_blk, descending eigenvalue, canonical signs; a short last block is embedded
-// in a block x block identity. Returns float64 [ceil(C/block), block, block].
+// in a block x block identity. Returns float64 [ceil(C/block), block, block]. A stack m [L, R, C]
+// gives [L, ceil(C/block), block, block] from one eigensolver call (two with a short block).
 torch::Tensor column_block_rotations(const torch::Tensor& m, int64_t block);
 
 // m (float64 [R, C]) times blockdiag(rot) on the right: every column block multiplied by its rotation.
+// Also takes a stack: m [L, R, C] with rot [L, nb, B, B].
 torch::Tensor rotate_column_blocks(const torch::Tensor& m, const torch::Tensor& rot);
 
 // Flips each column's sign so that its entry of largest magnitude is positive (ties: lowest row).

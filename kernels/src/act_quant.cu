@@ -37,23 +37,47 @@ __device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t i
 
 // out[r] = sum_k xs[r][blk*B + k] * R[blk][k][j] for output column o = blk*B + j, for all ROWS rows.
 // Summation in k order, float32, like the reference's bmm up to its own summation order.
-template <int ROWS>
-__device__ __forceinline__ void rotate_column(const float* xs, int64_t kpad, const float* r_in, int block, int64_t o,
-                                              float (&out)[ROWS]) {
+// BS > 0 is the block size known at compile time: the rotation column is fetched into registers
+// with all its loads in flight at once (the loop-carried version waits on each in turn).
+template <int ROWS, int BS>
+__device__ __forceinline__ void rotate_column(const float* xs, int64_t xs_stride, const float* r_in, int block,
+                                              int64_t o, float (&out)[ROWS]) {
   const int64_t blk = o / block;
   const int j = static_cast<int>(o - blk * block);
   const float* rcol = r_in + blk * block * block + j;
   const float* xblk = xs + blk * block;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) out[r] = 0.f;
-  for (int k = 0; k < block; ++k) {
-    const float w = __ldg(rcol + k * block);
+  if constexpr (BS > 0) {
+    float w[BS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) out[r] = fmaf(xblk[r * kpad + k], w, out[r]);
+    for (int k = 0; k < BS; ++k) w[k] = __ldg(rcol + k * BS);
+#pragma unroll
+    for (int k = 0; k < BS; ++k)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) out[r] = fmaf(xblk[r * xs_stride + k], w[k], out[r]);
+  } else {
+    for (int k = 0; k < block; ++k) {
+      const float w = __ldg(rcol + k * block);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) out[r] = fmaf(xblk[r * xs_stride + k], w, out[r]);
+    }
   }
 }
 
-template <int ROWS>
+__device__ __forceinline__ float gather_input(const ActQuantParams& p, int64_t row, int64_t c) {
+  const int64_t src = p.transform.perm ? __ldg(p.transform.perm + c) : c;
+  float v = load_as_float(p.x, p.x_dtype, row * p.x_stride + src);
+  if (p.transform.smooth) v = v / __ldg(p.transform.smooth + src);
+  return v;
+}
+
+__device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
+  // Division (not a reciprocal multiply) and round-half-even, exactly as the reference.
+  return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
+}
+
+template <int ROWS, int BS>
 __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
   extern __shared__ float xs[];  // [ROWS][kpad]
   __shared__ float row_max[ROWS];
@@ -68,11 +92,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
   for (int r = 0; r < ROWS; ++r) {
     for (int64_t c = threadIdx.x; c < kpad; c += kThreads) {
       float v = 0.f;
-      if (r < rows && c < p.k) {
-        const int64_t src = p.transform.perm ? __ldg(p.transform.perm + c) : c;
-        v = load_as_float(p.x, p.x_dtype, (row0 + r) * p.x_stride + src);
-        if (p.transform.smooth) v = v / __ldg(p.transform.smooth + src);
-      }
+      if (r < rows && c < p.k) v = gather_input(p, row0 + r, c);
       xs[r * kpad + c] = v;
     }
   }
@@ -89,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) local[r] = 0.f;
     for (int64_t o = threadIdx.x; o < p.k; o += kThreads) {
-      rotate_column<ROWS>(xs, kpad, p.transform.r_in, block, o, out);
+      rotate_column<ROWS, BS>(xs, kpad, p.transform.r_in, block, o, out);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) local[r] = fmaxf(local[r], fabsf(out[r]));
     }
@@ -114,15 +134,13 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
   //    codes_stride so the GEMM can read whole 16-byte chunks.
   const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
   for (int64_t o = threadIdx.x; o < width; o += kThreads) {
-    if (o < p.k) rotate_column<ROWS>(xs, kpad, p.transform.r_in, block, o, out);
+    if (o < p.k) rotate_column<ROWS, BS>(xs, kpad, p.transform.r_in, block, o, out);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       if (r >= rows || o >= p.codes_stride) continue;
       const int64_t dst = (row0 + r) * p.codes_stride + o;
       if (quantize) {
-        // Division (not a reciprocal multiply) and round-half-even, exactly as the reference.
-        const float q = o < p.k ? fminf(fmaxf(rintf(out[r] / row_scale[r]), -qmax - 1.f), qmax) : 0.f;
-        p.codes[dst] = static_cast<int8_t>(q);
+        p.codes[dst] = o < p.k ? to_code(out[r], row_scale[r], qmax) : 0;
       } else {
         store_from_float(p.x_out, p.x_dtype, dst, o < p.k ? out[r] : 0.f);
       }
@@ -130,10 +148,100 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
   }
 }
 
-template <int ROWS>
-cudaError_t launch(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
+// ---- few tokens: split each row over many CTAs --------------------------------------------------
+// Pass 1 (grid: column chunks x groups of up to kSplitRows tokens): rotate a chunk of whole blocks,
+// store it as float32 and the chunk's max |x'| per token. Pass 2 (grid: tokens x column chunks):
+// reduce the chunk maxima to the token's scale and write codes.
+constexpr int kSplitRows = 16;
+
+struct SplitLayout {
+  int64_t chunk;     // columns per pass-1 CTA: whole blocks, at most kThreads
+  int64_t nchunks;
+  float* rotated;    // [M, K]
+  float* chunk_max;  // [M, nchunks]
+};
+
+__host__ __device__ inline SplitLayout split_layout(void* ws, int64_t m, int64_t k, int block) {
+  SplitLayout l;
+  l.chunk = block <= kThreads ? (kThreads / block) * block : 0;
+  l.nchunks = l.chunk ? (k + l.chunk - 1) / l.chunk : 0;
+  l.rotated = static_cast<float*>(ws);
+  l.chunk_max = l.rotated + ((m * k + 63) / 64) * 64;
+  return l;
+}
+
+template <int BS>
+__global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p) {
+  __shared__ float xs[kSplitRows][kThreads];
+  __shared__ float row_max[kSplitRows];
+  const int block = p.transform.block;
+  const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * l.chunk;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kSplitRows;
+  const int rows = p.m - row0 < kSplitRows ? static_cast<int>(p.m - row0) : kSplitRows;
+  const int t = threadIdx.x;
+  for (int r = 0; r < kSplitRows; ++r) {
+    float v = 0.f;
+    if (r < rows && t < l.chunk && c0 + t < p.k) v = gather_input(p, row0 + r, c0 + t);
+    xs[r][t] = v;
+  }
+  if (t < kSplitRows) row_max[t] = 0.f;
+  __syncthreads();
+  float out[kSplitRows];
+  const int64_t o = c0 + t;
+  const bool active = t < l.chunk && o < p.k;
+  if (active) {
+    // Column t of this chunk is column j of block (c0 + t) / B; xs holds the chunk's blocks from 0.
+    const int64_t blk = o / block;
+    const float* r_shift = p.transform.r_in + (blk - t / block) * block * block;  // block 0 of the chunk
+    rotate_column<kSplitRows, BS>(&xs[0][0], kThreads, r_shift, block, t, out);
+  }
+#pragma unroll
+  for (int r = 0; r < kSplitRows; ++r) {  // compile-time index: `out` stays in registers
+    if (r >= rows) break;                 // uniform across the CTA, so the shuffles stay converged
+    float v = active ? fabsf(out[r]) : 0.f;
+    if (active) l.rotated[(row0 + r) * p.k + o] = out[r];
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    if ((t & 31) == 0) atomicMax(reinterpret_cast<int*>(&row_max[r]), __float_as_int(v));
+  }
+  __syncthreads();
+  if (t < rows) l.chunk_max[(row0 + t) * l.nchunks + blockIdx.x] = row_max[t];
+}
+
+__global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams p) {
+  __shared__ float scale_s;
+  const SplitLayout l = split_layout(p.workspace, p.m, p.k, p.transform.block);
+  const int64_t row = blockIdx.x;
+  const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
+  if (threadIdx.x < 32) {
+    float v = 0.f;
+    for (int64_t c = threadIdx.x; c < l.nchunks; c += 32) v = fmaxf(v, l.chunk_max[row * l.nchunks + c]);
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    if (threadIdx.x == 0) {
+      const float s = fmaxf(v / qmax, 1e-8f);
+      scale_s = s;
+      if (blockIdx.y == 0 && p.scales) p.scales[row] = s;
+    }
+  }
+  __syncthreads();
+  const float s = scale_s;
+  const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
+  for (int64_t o = static_cast<int64_t>(blockIdx.y) * kThreads * 4 + threadIdx.x; o < width &&
+       o < static_cast<int64_t>(blockIdx.y + 1) * kThreads * 4; o += kThreads) {
+    if (o >= p.codes_stride) continue;
+    p.codes[row * p.codes_stride + o] = o < p.k ? to_code(l.rotated[row * p.k + o], s, qmax) : 0;
+  }
+}
+
+bool use_split(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
+  // Dynamic per-token scales with fewer tokens than the fused kernel needs to fill the GPU.
+  return abits > 0 && !static_scale && block <= kThreads && m < 2 * static_cast<int64_t>(num_sms) && k >= 512;
+}
+
+template <int ROWS, int BS>
+cudaError_t launch_fused(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(ROWS) * kpad * sizeof(float);
-  auto kernel = act_quant_kernel<ROWS>;
+  auto kernel = act_quant_kernel<ROWS, BS>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
@@ -143,21 +251,44 @@ cudaError_t launch(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <int ROWS>
+cudaError_t launch_rows(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
+  return p.transform.block == 16 ? launch_fused<ROWS, 16>(p, kpad, stream) : launch_fused<ROWS, 0>(p, kpad, stream);
+}
+
 }  // namespace
+
+size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
+  if (!use_split(m, k, block, abits, static_scale, num_sms)) return 0;
+  const SplitLayout l = split_layout(nullptr, m, k, block);
+  return static_cast<size_t>(((m * k + 63) / 64) * 64 + m * l.nchunks) * sizeof(float);
+}
 
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
+  if (p.workspace && use_split(p.m, p.k, block, p.abits, p.static_scale != nullptr, p.num_sms)) {
+    const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
+    const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
+    if (block == 16) rotate_chunk_kernel<16><<<grid1, kThreads, 0, stream>>>(p);
+    else rotate_chunk_kernel<0><<<grid1, kThreads, 0, stream>>>(p);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
+    const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((width + kThreads * 4 - 1) / (kThreads * 4)));
+    quantize_chunk_kernel<<<grid2, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   const int64_t kpad = (p.k + block - 1) / block * block;
   // More rows per CTA share the rotation reads; fewer keep every SM busy at small M.
   const int64_t budget = 96 * 1024;
   const int64_t fit = std::max<int64_t>(1, budget / (kpad * static_cast<int64_t>(sizeof(float))));
-  const int64_t want = std::max<int64_t>(1, p.m / 264);
+  const int64_t want = std::max<int64_t>(1, p.m / (2 * static_cast<int64_t>(p.num_sms)));
   const int64_t rows = std::min<int64_t>(fit, want);
-  if (rows >= 8) return launch<8>(p, kpad, stream);
-  if (rows >= 4) return launch<4>(p, kpad, stream);
-  if (rows >= 2) return launch<2>(p, kpad, stream);
-  return launch<1>(p, kpad, stream);
+  if (rows >= 8) return launch_rows<8>(p, kpad, stream);
+  if (rows >= 4) return launch_rows<4>(p, kpad, stream);
+  if (rows >= 2) return launch_rows<2>(p, kpad, stream);
+  return launch_rows<1>(p, kpad, stream);
 }
 
 }  // namespace kernels

@@ -98,8 +98,9 @@ def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pat
               verbose: bool = False) -> QuantizeReport:
     """Swaps matching nn.Linear layers of `model` for DuQuantLinear, in place.
 
-    Each layer is packed on the device its weight lives on. All layers are packed before any is
-    swapped, so an error (a NaN weight, say) leaves the model untouched. Pass include=None to
+    Each layer is packed on the device its weight lives on; layers of equal shape are stacked and
+    packed in one batched pass (same result as packing each alone). All layers are packed before any
+    is swapped, so an error (a NaN weight, say) leaves the model untouched. Pass include=None to
     consider every nn.Linear. Returns a QuantizeReport (print it for a table).
     """
     config = config if config is not None else _C.Config()
@@ -109,16 +110,24 @@ def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pat
         raise TypeError("quantize_: model is itself an nn.Linear; wrap it or use DuQuantLinear.from_linear")
     targets = select_linear_layers(model, include, exclude, filter_fn)
     report = QuantizeReport(config=config)
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"\r[duquant] packed {done}/{total} {name}", end="", file=sys.stderr, flush=True)
+
+    # One call for all layers: layers of equal shape are stacked and packed together.
+    with torch.no_grad():
+        packed = _C.pack_linears(
+            [(name, linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), config)
+             for name, linear in targets],
+            progress=progress if verbose else None)
+    if verbose and targets:
+        print(file=sys.stderr)
     replacements = []
-    for i, (name, linear) in enumerate(targets):
-        if verbose:
-            print(f"\r[duquant] packing {i + 1}/{len(targets)} {name}", end="", file=sys.stderr, flush=True)
-        q = DuQuantLinear.from_linear(linear, config, name=name)
+    for (name, linear), (_, pack) in zip(targets, packed):
+        q = DuQuantLinear.from_pack(pack)
         replacements.append((name, q))
         report.layers.append(LayerReport(name, linear.in_features, linear.out_features, layer_bytes(linear),
                                          q.nbytes()))
-    if verbose and targets:
-        print(file=sys.stderr)
     for name, q in replacements:
         _set_submodule(model, name, q)
     return report

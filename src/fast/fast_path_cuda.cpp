@@ -44,6 +44,14 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   p.codes = codes.data_ptr<int8_t>();
   p.codes_stride = codes.size(1);
   p.scales = scales.data_ptr<float>();
+  p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
+  const size_t ws = kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits,
+                                                       p.static_scale != nullptr, p.num_sms);
+  torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
+  if (ws > 0) {
+    workspace = torch::empty({static_cast<int64_t>(ws)}, x2d.options().dtype(torch::kUInt8));
+    p.workspace = workspace.data_ptr();
+  }
   check(kernels::act_quant(p, stream), "input kernel launch");
 }
 

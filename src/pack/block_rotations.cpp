@@ -11,30 +11,56 @@ torch::Tensor canonical_signs(const torch::Tensor& vecs) {
   return vecs * sign;
 }
 
-torch::Tensor column_block_rotations(const torch::Tensor& m, int64_t block) {
-  TORCH_CHECK(m.dim() == 2 && m.scalar_type() == torch::kFloat64, "column_block_rotations wants float64 [R, C]");
-  const int64_t rows = m.size(0), cols = m.size(1);
+torch::Tensor column_block_rotations(const torch::Tensor& m_in, int64_t block) {
+  TORCH_CHECK((m_in.dim() == 2 || m_in.dim() == 3) && m_in.scalar_type() == torch::kFloat64,
+              "column_block_rotations wants float64 [R, C] or [L, R, C], got ", m_in.sizes(), " ",
+              m_in.scalar_type());
+  // A single matrix is a stack of one: both go through the same batched code, so a layer packed
+  // alone and inside a stack of equal-shaped layers gets bit-identical rotations.
+  const bool single = m_in.dim() == 2;
+  const auto m = single ? m_in.unsqueeze(0) : m_in;
+  const int64_t layers = m.size(0), rows = m.size(1), cols = m.size(2);
   const int64_t full = cols / block, tail = cols % block;
-  auto out = torch::empty({full + (tail ? 1 : 0), block, block}, m.options());
+  auto out = torch::empty({layers, full + (tail ? 1 : 0), block, block}, m.options());
 
   if (full > 0) {
-    // All full blocks' Gram matrices in one batched product: [full, B, R] x [full, R, B].
-    auto blocks = m.narrow(1, 0, full * block).reshape({rows, full, block}).permute({1, 0, 2});
+    // Every full block of every layer in one batched product: [L*full, B, R] x [L*full, R, B].
+    auto blocks = m.narrow(2, 0, full * block)
+                      .reshape({layers, rows, full, block})
+                      .permute({0, 2, 1, 3})
+                      .reshape({layers * full, rows, block});
     auto gram = torch::bmm(blocks.transpose(1, 2), blocks);
-    out.narrow(0, 0, full).copy_(canonical_signs(symmetric_eigenvectors_descending(gram)));
+    auto vecs = canonical_signs(symmetric_eigenvectors_descending(gram));
+    out.narrow(1, 0, full).copy_(vecs.reshape({layers, full, block, block}));
   }
   if (tail) {
-    auto blk = m.narrow(1, full * block, tail);
-    auto gram = torch::mm(blk.t(), blk).unsqueeze(0);
-    auto vecs = canonical_signs(symmetric_eigenvectors_descending(gram))[0];
-    auto last = out[full];
-    last.copy_(torch::eye(block, m.options()));
-    last.narrow(0, 0, tail).narrow(1, 0, tail).copy_(vecs);
+    // The short last blocks of all layers: one more eigensolver call, embedded in identities.
+    auto blk = m.narrow(2, full * block, tail).contiguous();
+    auto gram = torch::bmm(blk.transpose(1, 2), blk);
+    auto vecs = canonical_signs(symmetric_eigenvectors_descending(gram));
+    auto last = out.select(1, full);
+    last.copy_(torch::eye(block, m.options()).expand({layers, block, block}));
+    last.narrow(1, 0, tail).narrow(2, 0, tail).copy_(vecs);
   }
-  return out;
+  return single ? out.squeeze(0) : out;
 }
 
 torch::Tensor rotate_column_blocks(const torch::Tensor& m, const torch::Tensor& rot) {
+  if (m.dim() == 3) {
+    // Stack of layers: m [L, R, C], rot [L, nb, B, B]; all blocks of all layers in one bmm.
+    TORCH_CHECK(rot.dim() == 4 && rot.size(0) == m.size(0), "rotate_column_blocks: a stack m [L, R, C] wants rot ",
+                "[L, nb, B, B], got ", m.sizes(), " and ", rot.sizes());
+    const int64_t layers = m.size(0), rows = m.size(1), cols = m.size(2);
+    const int64_t nb = rot.size(1), block = rot.size(2);
+    const int64_t padded = nb * block;
+    auto src = padded == cols ? m : torch::constant_pad_nd(m, {0, padded - cols});
+    auto blocks = src.reshape({layers, rows, nb, block}).permute({0, 2, 1, 3}).reshape({layers * nb, rows, block});
+    auto rotated = torch::bmm(blocks, rot.to(m.scalar_type()).reshape({layers * nb, block, block}))
+                       .reshape({layers, nb, rows, block})
+                       .permute({0, 2, 1, 3})
+                       .reshape({layers, rows, padded});
+    return padded == cols ? rotated : rotated.narrow(2, 0, cols).contiguous();
+  }
   const int64_t rows = m.size(0), cols = m.size(1);
   const int64_t nb = rot.size(0), block = rot.size(1);
   const int64_t padded = nb * block;

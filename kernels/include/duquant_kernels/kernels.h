@@ -35,9 +35,16 @@ struct ActQuantParams {
   float* scales = nullptr;          // [M] out: the scale each token was quantized with
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
   void* x_out = nullptr;            // [M, codes_stride] (x_dtype), used when abits == 0
+  int num_sms = 132;
+  // Scratch of act_quant_workspace_bytes(): with few tokens the row is split over many CTAs,
+  // which stage the rotated values and per-chunk maxima here before a second pass quantizes.
+  void* workspace = nullptr;
 };
 
-// Launches the fused input kernel; returns the launch status.
+// Bytes of scratch act_quant needs for these sizes (0: the single fused kernel runs).
+size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms);
+
+// Launches the input kernel(s); returns the launch status.
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream);
 
 // ---- integer GEMM with the DuQuant epilogue ----

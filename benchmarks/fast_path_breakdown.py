@@ -1,0 +1,69 @@
+"""Where the fast path's time goes: the input kernel(s) alone, the whole layer (input + GEMM), and
+bf16 nn.Linear, per shape and token count. CUDA graphs of `--calls` back-to-back calls, median of
+`--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
+
+    PYTHONPATH=build/python python3 benchmarks/fast_path_breakdown.py [--m 1,16,256,4096]
+"""
+import argparse
+import statistics
+
+import torch
+
+import duquant_ext as dq
+
+SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
+
+
+def graph_time_us(fn, calls, repeats):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", default="1,16,64,256,1024,4096")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--wbits", type=int, default=4)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to time")
+        return
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, wbits={args.wbits}")
+    print(f"{'K->N':>12} {'M':>5} {'input':>8} {'layer':>8} {'gemm~':>8} {'bf16':>8} {'bf16/layer':>10}")
+    for k, n in SHAPES:
+        lin = torch.nn.Linear(k, n, bias=False)
+        layer = dq.DuQuantLinear.from_linear(lin, dq.Config(wbits=args.wbits)).cuda()
+        lin_bf16 = lin.to(device="cuda", dtype=torch.bfloat16)
+        for m in [int(v) for v in args.m.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                t_in = graph_time_us(lambda: torch.ops.duquant.quantize_input(x, layer.perm, layer.r_in, None, 8),
+                                     args.calls, args.repeats)
+                t_layer = graph_time_us(lambda: layer(x), args.calls, args.repeats)
+                t_bf16 = graph_time_us(lambda: lin_bf16(x), args.calls, args.repeats)
+            print(f"{k:>5}->{n:<6} {m:>5} {t_in:>8.1f} {t_layer:>8.1f} {t_layer - t_in:>8.1f} {t_bf16:>8.1f} "
+                  f"{t_bf16 / t_layer:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#pragma once
+// Packing a whole model: many linear layers at once. Layers of equal shape, config and device are
+// stacked and packed in one batched pass (one eigensolver call per side on the GPU instead of one
+// per layer), which is what makes packing a large checkpoint take seconds.
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <c10/util/Optional.h>
+#include <torch/torch.h>
+
+#include "duquant/config.h"
+#include "duquant/io/pack_file.h"  // PackedLayer
+#include "duquant/layer_pack.h"
+
+namespace duquant {
+
+struct LinearToPack {
+  std::string name;                   // e.g. "model.layers.0.self_attn.q_proj"; errors and progress use it
+  torch::Tensor weight;               // [N, K] float32/float16/bfloat16/float64, any device
+  c10::optional<torch::Tensor> bias;  // [N] or none
+  Config config;
+};
+
+struct PackModelOptions {
+  // Where the packing runs and the packs land; none = each weight's own device. Weights are moved
+  // there one stack at a time, so a checkpoint on the host never has to fit on the GPU at once.
+  c10::optional<torch::Device> device;
+  // Bytes of float64 weights packed in one batched pass (peak memory is a few times this).
+  // 0 = 1 GiB on CUDA, 256 MiB elsewhere. A layer larger than this is packed alone.
+  int64_t max_stack_bytes = 0;
+};
+
+// Called after each layer is packed: (layers done, total layers, name of the layer just done).
+using PackProgress = std::function<void(size_t done, size_t total, const std::string& name)>;
+
+// Packs every layer; the result is in the order of `layers`, each pack equal to
+// pack_linear(weight, bias, config, name) (bit-identical on the CPU; on CUDA within the rounding of
+// batched reductions). All layers are checked (shapes, dtypes, configs, unique names) before any
+// packing starts. Errors are std::invalid_argument (bad input) or std::runtime_error (a failure
+// while packing, e.g. out of memory) whose message starts with the layer's name.
+std::vector<PackedLayer> pack_linears(const std::vector<LinearToPack>& layers, const PackProgress& progress = {},
+                                      const PackModelOptions& options = {});
+
+}  // namespace duquant

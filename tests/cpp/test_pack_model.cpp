@@ -1,0 +1,172 @@
+// pack_linears: grouped packing gives exactly pack_linear's result per layer, and names bad layers.
+#include <limits>
+
+#include "duquant/duquant.h"
+#include "duquant/pack_model.h"
+#include "test_helpers.h"
+
+using duquant::Config;
+using duquant::LayerPack;
+using duquant::LinearToPack;
+using duquant_test::outlier_weight;
+
+namespace {
+
+void expect_same_tensor(const torch::Tensor& got, const torch::Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.defined(), want.defined()) << what;
+  if (!want.defined()) return;
+  EXPECT_EQ(got.scalar_type(), want.scalar_type()) << what;
+  ASSERT_EQ(got.sizes(), want.sizes()) << what;
+  EXPECT_TRUE(torch::equal(got, want)) << what << " differs; max abs diff "
+                                       << (got.to(torch::kFloat64) - want.to(torch::kFloat64)).abs().max().item<double>();
+}
+
+void expect_same_pack(const LayerPack& got, const LayerPack& want, const std::string& name) {
+  EXPECT_EQ(got.config, want.config) << name;
+  EXPECT_EQ(got.in_features, want.in_features) << name;
+  EXPECT_EQ(got.out_features, want.out_features) << name;
+  expect_same_tensor(got.perm, want.perm, name + ".perm");
+  expect_same_tensor(got.r_in, want.r_in, name + ".r_in");
+  expect_same_tensor(got.r_out, want.r_out, name + ".r_out");
+  expect_same_tensor(got.qweight, want.qweight, name + ".qweight");
+  expect_same_tensor(got.w_scale, want.w_scale, name + ".w_scale");
+  expect_same_tensor(got.bias, want.bias, name + ".bias");
+  expect_same_tensor(got.act_scale, want.act_scale, name + ".act_scale");
+  expect_same_tensor(got.calib_state, want.calib_state, name + ".calib_state");
+}
+
+Config with(std::function<void(Config&)> change) {
+  Config c;
+  change(c);
+  return c;
+}
+
+// Mixed shapes (short input and output blocks included), configs, dtypes and biases; several layers
+// share a shape and config so they are stacked.
+std::vector<LinearToPack> mixed_layers() {
+  const Config w4 = Config{};
+  const Config w8_norot = with([](Config& c) { c.wbits = 8; c.row_rot = duquant::RowRotation::kNone; });
+  const Config w3_nopermute_static = with([](Config& c) {
+    c.wbits = 3; c.permute = false; c.act = duquant::ActMode::kStatic; c.block_out = 8;
+  });
+  const Config unquantized = with([](Config& c) { c.wbits = 0; c.abits = 0; c.block_size = 8; });
+  std::vector<LinearToPack> layers;
+  uint64_t seed = 10;
+  auto add = [&](const std::string& name, int64_t n, int64_t k, const Config& cfg, torch::ScalarType dtype,
+                 bool bias) {
+    auto w = outlier_weight(n, k, seed++).to(dtype);
+    c10::optional<torch::Tensor> b;
+    if (bias) b = torch::randn({n}).to(dtype);
+    layers.push_back(LinearToPack{name, w, b, cfg});
+  };
+  for (int i = 0; i < 4; ++i) add("blocks." + std::to_string(i) + ".q_proj", 48, 70, w4, torch::kFloat32, false);
+  add("blocks.0.o_proj", 48, 70, w4, torch::kBFloat16, true);  // same group, other dtype, a bias
+  for (int i = 0; i < 3; ++i) add("blocks." + std::to_string(i) + ".up_proj", 37, 64, w8_norot, torch::kFloat16, i == 1);
+  add("blocks.0.k_proj", 48, 70, w8_norot, torch::kFloat32, false);  // same shape, other config
+  for (int i = 0; i < 2; ++i) add("blocks." + std::to_string(i) + ".fc1", 50, 33, w3_nopermute_static, torch::kFloat32, true);
+  add("blocks.0.fc2", 24, 20, unquantized, torch::kFloat64, true);
+  return layers;
+}
+
+}  // namespace
+
+TEST(PackLinears, GroupedEqualsPackLinearPerLayerExactly) {
+  const auto layers = mixed_layers();
+  std::vector<size_t> seen_done;
+  std::vector<std::string> seen_names;
+  auto packed = duquant::pack_linears(layers, [&](size_t done, size_t total, const std::string& name) {
+    EXPECT_EQ(total, layers.size());
+    seen_done.push_back(done);
+    seen_names.push_back(name);
+  });
+  ASSERT_EQ(packed.size(), layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& l = layers[i];
+    EXPECT_EQ(packed[i].name, l.name);  // input order, whatever the grouping
+    expect_same_pack(packed[i].pack, duquant::pack_linear(l.weight, l.bias, l.config, l.name), l.name);
+    packed[i].pack.validate(l.name);
+  }
+  // Progress once per layer, counting up, each name once.
+  ASSERT_EQ(seen_done.size(), layers.size());
+  for (size_t i = 0; i < seen_done.size(); ++i) EXPECT_EQ(seen_done[i], i + 1);
+  std::sort(seen_names.begin(), seen_names.end());
+  EXPECT_EQ(std::unique(seen_names.begin(), seen_names.end()), seen_names.end());
+}
+
+TEST(PackLinears, SmallStacksGiveTheSameResult) {
+  const auto layers = mixed_layers();
+  duquant::PackModelOptions one_by_one, pairs;
+  one_by_one.max_stack_bytes = 1;                    // every layer alone
+  pairs.max_stack_bytes = 2 * 48 * 70 * 8;           // the 48x70 group in stacks of two
+  auto all = duquant::pack_linears(layers);
+  auto single = duquant::pack_linears(layers, {}, one_by_one);
+  auto paired = duquant::pack_linears(layers, {}, pairs);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    expect_same_pack(single[i].pack, all[i].pack, layers[i].name + " (stacks of one)");
+    expect_same_pack(paired[i].pack, all[i].pack, layers[i].name + " (stacks of two)");
+  }
+}
+
+TEST(PackLinears, PacksAreIndependentTensors) {
+  // A layer's tensors must not be views into its stack (that would keep every layer alive).
+  auto layers = mixed_layers();
+  auto packed = duquant::pack_linears(layers);
+  const auto& q = packed[1].pack.qweight;
+  EXPECT_EQ(q.storage().nbytes(), static_cast<size_t>(q.numel() * q.element_size()));
+}
+
+TEST(PackLinears, DeviceOptionMovesThePacks) {
+  auto layers = mixed_layers();
+  duquant::PackModelOptions cpu;
+  cpu.device = torch::Device(torch::kCPU);
+  auto packed = duquant::pack_linears(layers, {}, cpu);
+  for (const auto& p : packed) EXPECT_TRUE(p.pack.qweight.device().is_cpu());
+}
+
+TEST(PackLinears, ErrorsNameTheLayer) {
+  auto layers = mixed_layers();
+  // NaN in the third layer of a stacked group: found in the stack, reported for that layer.
+  auto bad_nan = layers;
+  bad_nan[2].weight = bad_nan[2].weight.clone();
+  bad_nan[2].weight[5][7] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW_WITH(duquant::pack_linears(bad_nan), "blocks.2.q_proj: weight contains NaN/Inf (first at row 5, column 7)");
+
+  auto bad_rank = layers;
+  bad_rank[6].weight = torch::randn({37});
+  EXPECT_THROW_WITH(duquant::pack_linears(bad_rank), "blocks.1.up_proj: weight must be 2-D");
+
+  auto bad_bias = layers;
+  bad_bias[4].bias = torch::randn({3});
+  EXPECT_THROW_WITH(duquant::pack_linears(bad_bias), "blocks.0.o_proj: bias must have shape [48]");
+
+  auto bad_config = layers;
+  bad_config[9].config.block_size = 0;
+  EXPECT_THROW_WITH(duquant::pack_linears(bad_config), "blocks.0.fc1: ");
+  EXPECT_THROW_WITH(duquant::pack_linears(bad_config), "block_size");
+
+  auto duplicate = layers;
+  duplicate[3].name = duplicate[0].name;
+  EXPECT_THROW_WITH(duquant::pack_linears(duplicate), "layer name 'blocks.0.q_proj' appears twice");
+
+  auto int_weight = layers;
+  int_weight[11].weight = torch::ones({24, 20}, torch::kInt32);
+  EXPECT_THROW_WITH(duquant::pack_linears(int_weight), "blocks.0.fc2: weight must be float32/float16/bfloat16/float64");
+
+  duquant::PackModelOptions negative;
+  negative.max_stack_bytes = -1;
+  EXPECT_THROW_WITH(duquant::pack_linears(layers, {}, negative), "max_stack_bytes");
+}
+
+TEST(PackLinears, ChecksEveryLayerBeforePacking) {
+  // A bad last layer stops the call before the first layer's progress is reported.
+  auto layers = mixed_layers();
+  layers.back().weight = torch::randn({2, 3, 4});
+  size_t calls = 0;
+  EXPECT_THROW_WITH(duquant::pack_linears(layers, [&](size_t, size_t, const std::string&) { ++calls; }),
+                    "blocks.0.fc2: weight must be 2-D");
+  EXPECT_EQ(calls, 0u);
+}
+
+TEST(PackLinears, EmptyListGivesNothing) {
+  EXPECT_TRUE(duquant::pack_linears({}).empty());
+}
