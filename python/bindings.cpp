@@ -41,8 +41,33 @@ Config make_config(py::kwargs kwargs) {
 
 py::object optional_tensor(const torch::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 
+// A LayerPack from buffer-name -> tensor (None entries skipped), not yet validated.
+LayerPack layer_pack_from_tensors(int64_t in_features, int64_t out_features, const Config& config, py::dict tensors,
+                                  const std::string& where) {
+  LayerPack p;
+  p.config = config;
+  p.in_features = in_features;
+  p.out_features = out_features;
+  for (auto item : tensors) {
+    const auto key = py::cast<std::string>(item.first);
+    if (item.second.is_none()) continue;
+    auto t = py::cast<torch::Tensor>(item.second);
+    if (key == "qweight") p.qweight = t; else if (key == "w_scale") p.w_scale = t;
+    else if (key == "perm") p.perm = t; else if (key == "r_in") p.r_in = t;
+    else if (key == "r_out") p.r_out = t; else if (key == "bias") p.bias = t;
+    else if (key == "act_scale") p.act_scale = t; else if (key == "calib_state") p.calib_state = t;
+    else throw py::value_error(where + ": unknown tensor '" + key + "'");
+  }
+  return p;
+}
+
+torch::Device device_from(py::object device) {
+  return device.is_none() ? torch::Device(torch::kCPU) : torch::Device(py::cast<std::string>(py::str(device)));
+}
+
 }  // namespace
 
+void bind_pack_file(py::module_& m);  // below
 void bind_fast_path(py::module_& m);  // bind_fast_path.cpp
 
 void bind_batch_pack(py::module_& m);  // bind_batch_pack.cpp
@@ -75,6 +100,13 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
       .def("to_json", &Config::to_json)
       .def_static("from_json", &Config::from_json)
       .def("describe", &Config::describe)
+      .def_static("from_env",
+                  [](py::object environ) {
+                    return py::module_::import("duquant_ext.env").attr("config_from_env")(environ);
+                  },
+                  py::arg("environ") = py::none(),
+                  "The Config set by DUQUANT_* / OPENPI_DUQUANT_* variables of `environ` (default os.environ); "
+                  "see duquant_ext.env.")
       .def("replace", [](const Config& c, py::kwargs changes) {
              py::dict merged = py::module_::import("json").attr("loads")(c.to_json());
              for (auto item : changes) merged[item.first] = item.second;
@@ -128,31 +160,25 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
         "Packs an [out, in] weight (and optional bias) into a LayerPack on the weight's device.");
   m.def("empty_layer_pack",
         [](int64_t in_features, int64_t out_features, bool has_bias, const Config& config, py::object device) {
-          torch::Device dev = device.is_none() ? torch::Device(torch::kCPU)
-                                               : torch::Device(py::cast<std::string>(py::str(device)));
-          return duquant::empty_layer_pack(in_features, out_features, has_bias, config, dev);
+          return duquant::empty_layer_pack(in_features, out_features, has_bias, config, device_from(device));
         },
         py::arg("in_features"), py::arg("out_features"), py::arg("has_bias"), py::arg("config"),
         py::arg("device") = py::none());
   m.def("validate_tensors",
         [](int64_t in_features, int64_t out_features, const Config& config, py::dict tensors, const std::string& where) {
-          LayerPack p;
-          p.config = config;
-          p.in_features = in_features;
-          p.out_features = out_features;
-          for (auto item : tensors) {
-            const auto key = py::cast<std::string>(item.first);
-            if (item.second.is_none()) continue;
-            auto t = py::cast<torch::Tensor>(item.second);
-            if (key == "qweight") p.qweight = t; else if (key == "w_scale") p.w_scale = t;
-            else if (key == "perm") p.perm = t; else if (key == "r_in") p.r_in = t;
-            else if (key == "r_out") p.r_out = t; else if (key == "bias") p.bias = t;
-            else if (key == "act_scale") p.act_scale = t; else if (key == "calib_state") p.calib_state = t;
-            else throw py::value_error(where + ": unknown tensor '" + key + "'");
-          }
-          p.validate(where);
+          layer_pack_from_tensors(in_features, out_features, config, tensors, where).validate(where);
         },
         "Checks a layer's tensors against its shape and config; raises naming the tensor that differs.");
+  m.def("make_layer_pack",
+        [](int64_t in_features, int64_t out_features, const Config& config, py::dict tensors, const std::string& where) {
+          LayerPack p = layer_pack_from_tensors(in_features, out_features, config, tensors, where);
+          p.validate(where);
+          return p;
+        },
+        py::arg("in_features"), py::arg("out_features"), py::arg("config"), py::arg("tensors"),
+        py::arg("where") = "layer",
+        "A validated LayerPack from its tensors by buffer name (as LayerPack.tensors() returns them).");
+  bind_pack_file(m);
   m.def("channel_permutation", &duquant::channel_permutation, py::arg("weight_f64"), py::arg("ls") = 0.15);
   m.def("canonical_signs", &duquant::canonical_signs);
   m.def("column_block_rotations", &duquant::column_block_rotations);
@@ -165,4 +191,95 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
   m.def("finish_calibration", [](torch::Tensor calib_state, const std::string& where) {
     duquant::finish_calibration(calib_state, where);
   });
+}
+
+namespace {
+
+using duquant::PackFile;
+
+py::dict tensors_to_dict(const std::map<std::string, torch::Tensor>& tensors) {
+  py::dict d;
+  for (const auto& [name, t] : tensors) d[py::str(name)] = t;
+  return d;
+}
+
+}  // namespace
+
+// Pack files (DESIGN.md section 4) and the safetensors reader they are built on.
+void bind_pack_file(py::module_& m) {
+  py::register_exception<duquant::io::SafetensorsError>(m, "SafetensorsError", PyExc_ValueError);
+
+  m.def("read_safetensors",
+        [](const std::string& path) { return tensors_to_dict(duquant::io::read_safetensors(path)); },
+        py::arg("path"), "Every tensor of a safetensors file as {name: CPU tensor}; validates the whole file first.");
+  m.def("safetensors_metadata",
+        [](const std::string& path) { return duquant::io::SafetensorsFile::open(path).metadata(); }, py::arg("path"),
+        "The __metadata__ of a safetensors file as {str: str}.");
+
+  m.def("write_pack",
+        [](const std::string& path, const std::vector<std::pair<std::string, LayerPack>>& layers,
+           const Config& global_config, py::object extra, const std::map<std::string, std::string>& extra_metadata) {
+          std::vector<duquant::PackedLayer> packed;
+          packed.reserve(layers.size());
+          for (const auto& [name, pack] : layers) packed.push_back({name, pack});
+          std::vector<std::pair<std::string, torch::Tensor>> extra_tensors;
+          if (!extra.is_none())
+            for (auto item : py::cast<py::dict>(extra))
+              extra_tensors.emplace_back(py::cast<std::string>(item.first), py::cast<torch::Tensor>(item.second));
+          py::gil_scoped_release release;  // the write is pure I/O
+          duquant::write_pack(path, packed, global_config, extra_tensors, extra_metadata);
+        },
+        py::arg("path"), py::arg("layers"), py::arg("config"), py::arg("extra") = py::none(),
+        py::arg("extra_metadata") = std::map<std::string, std::string>{},
+        "Writes [(name, LayerPack)] (plus {name: tensor} extra tensors) to a pack file, atomically.");
+
+  py::class_<PackFile::LayerInfo>(m, "PackLayerInfo", "A layer's entry in a pack file's metadata.")
+      .def_readonly("name", &PackFile::LayerInfo::name)
+      .def_readonly("in_features", &PackFile::LayerInfo::in_features)
+      .def_readonly("out_features", &PackFile::LayerInfo::out_features)
+      .def_readonly("has_bias", &PackFile::LayerInfo::has_bias)
+      .def_readonly("config", &PackFile::LayerInfo::config)
+      .def("__repr__", [](const PackFile::LayerInfo& l) {
+        return "PackLayerInfo(name='" + l.name + "', in_features=" + std::to_string(l.in_features) +
+               ", out_features=" + std::to_string(l.out_features) + ", has_bias=" + (l.has_bias ? "True" : "False") +
+               ", " + l.config.describe() + ")";
+      });
+
+  py::class_<PackFile>(m, "PackFile", R"doc(A duquant pack file opened for reading (validated on open).
+
+    pf = dq.PackFile.open("model.duquant.safetensors")
+    pf.layer_names(); pf.layer("model.q_proj").config; pf.tensor("model.q_proj.qweight")
+)doc")
+      .def_static("open", &PackFile::open, py::arg("path"))
+      .def_property_readonly("path", &PackFile::path)
+      .def_property_readonly("format_version", &PackFile::format_version)
+      .def_property_readonly("config", &PackFile::config, "The global config.")
+      .def("layer_names", &PackFile::layer_names)
+      .def("layer", &PackFile::layer, py::arg("name"), py::return_value_policy::copy)
+      .def("extra_tensor_names", &PackFile::extra_tensor_names)
+      .def("tensor_names", &PackFile::tensor_names)
+      .def("tensor", &PackFile::tensor, py::arg("name"))
+      .def_property_readonly("metadata", &PackFile::metadata)
+      .def("load_layer",
+           [](const PackFile& f, const std::string& name, py::object device) {
+             return f.load_layer(name, device_from(device));
+           },
+           py::arg("name"), py::arg("device") = py::none())
+      .def("load_layer_checked",
+           [](const PackFile& f, const std::string& name, int64_t in_features, int64_t out_features, bool has_bias,
+              c10::optional<Config> config, py::object device) {
+             return f.load_layer_checked(name, in_features, out_features, has_bias, config, device_from(device));
+           },
+           py::arg("name"), py::arg("in_features"), py::arg("out_features"), py::arg("has_bias"),
+           py::arg("config") = py::none(), py::arg("device") = py::none())
+      .def("mismatches", &PackFile::mismatches, py::arg("name"), py::arg("in_features"), py::arg("out_features"),
+           py::arg("has_bias"), py::arg("config") = py::none(),
+           "What load_layer_checked would report, one message per field; [] when the layer matches.")
+      .def("__contains__", &PackFile::has_layer)
+      .def("__len__", [](const PackFile& f) { return f.layer_names().size(); })
+      .def("__repr__", [](const PackFile& f) {
+        return "PackFile('" + f.path() + "', format_version=" + std::to_string(f.format_version()) + ", " +
+               std::to_string(f.layer_names().size()) + " layers, " + std::to_string(f.extra_tensor_names().size()) +
+               " extra tensors, " + f.config().describe() + ")";
+      });
 }

@@ -8,7 +8,8 @@ See README.md for the full tour.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from ._C import Config, LayerPack, pack_linear  # noqa: F401
+from ._C import (Config, LayerPack, PackFile, PackLayerInfo, SafetensorsError, pack_linear,  # noqa: F401
+                 read_safetensors, safetensors_metadata)
 from .nn import DuQuantLinear  # noqa: F401
 from .quantize import (  # noqa: F401
     DEFAULT_EXCLUDE,
@@ -18,6 +19,8 @@ from .quantize import (  # noqa: F401
     quantize_,
     select_linear_layers,
 )
+from .pack import LoadReport, load_pack, save_pack  # noqa: F401
+from .env import EnvError, EnvReport, EnvSettings, config_from_env, enable_from_env, settings_from_env  # noqa: F401
 
 __all__ = [
     "Config",
@@ -30,4 +33,18 @@ __all__ = [
     "finish_calibration",
     "DEFAULT_INCLUDE",
     "DEFAULT_EXCLUDE",
+    "save_pack",
+    "load_pack",
+    "LoadReport",
+    "PackFile",
+    "PackLayerInfo",
+    "read_safetensors",
+    "safetensors_metadata",
+    "SafetensorsError",
+    "settings_from_env",
+    "config_from_env",
+    "enable_from_env",
+    "EnvSettings",
+    "EnvReport",
+    "EnvError",
 ]
