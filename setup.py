@@ -90,6 +90,13 @@ class CMakeBuild(build_ext):
         staged_pkg = os.path.join(stage, "site", "duquant_ext")
         target_pkg = os.path.join(os.path.abspath(self.build_lib), "duquant_ext")
         copied = []
+        # build_lib outlives builds: drop compiled files an earlier build left, keep build_py's .py.
+        for dirpath, dirnames, files in os.walk(target_pkg, topdown=False):
+            for name in files:
+                if not name.endswith(".py"):
+                    os.remove(os.path.join(dirpath, name))
+            if dirpath != target_pkg and not os.listdir(dirpath):
+                os.rmdir(dirpath)
 
         def ship(src, rel):
             dst = os.path.join(target_pkg, rel)
