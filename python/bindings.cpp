@@ -197,6 +197,11 @@ namespace {
 
 using duquant::PackFile;
 
+// Paths may be str or os.PathLike (pathlib.Path), as everywhere in Python.
+std::string fs_path(const py::object& path) {
+  return py::cast<std::string>(py::module_::import("os").attr("fspath")(path));
+}
+
 py::dict tensors_to_dict(const std::map<std::string, torch::Tensor>& tensors) {
   py::dict d;
   for (const auto& [name, t] : tensors) d[py::str(name)] = t;
@@ -210,14 +215,14 @@ void bind_pack_file(py::module_& m) {
   py::register_exception<duquant::io::SafetensorsError>(m, "SafetensorsError", PyExc_ValueError);
 
   m.def("read_safetensors",
-        [](const std::string& path) { return tensors_to_dict(duquant::io::read_safetensors(path)); },
+        [](py::object path) { return tensors_to_dict(duquant::io::read_safetensors(fs_path(path))); },
         py::arg("path"), "Every tensor of a safetensors file as {name: CPU tensor}; validates the whole file first.");
   m.def("safetensors_metadata",
-        [](const std::string& path) { return duquant::io::SafetensorsFile::open(path).metadata(); }, py::arg("path"),
+        [](py::object path) { return duquant::io::SafetensorsFile::open(fs_path(path)).metadata(); }, py::arg("path"),
         "The __metadata__ of a safetensors file as {str: str}.");
 
   m.def("write_pack",
-        [](const std::string& path, const std::vector<std::pair<std::string, LayerPack>>& layers,
+        [](py::object path_like, const std::vector<std::pair<std::string, LayerPack>>& layers,
            const Config& global_config, py::object extra, const std::map<std::string, std::string>& extra_metadata) {
           std::vector<duquant::PackedLayer> packed;
           packed.reserve(layers.size());
@@ -226,6 +231,7 @@ void bind_pack_file(py::module_& m) {
           if (!extra.is_none())
             for (auto item : py::cast<py::dict>(extra))
               extra_tensors.emplace_back(py::cast<std::string>(item.first), py::cast<torch::Tensor>(item.second));
+          const std::string path = fs_path(path_like);
           py::gil_scoped_release release;  // the write is pure I/O
           duquant::write_pack(path, packed, global_config, extra_tensors, extra_metadata);
         },
@@ -250,7 +256,7 @@ void bind_pack_file(py::module_& m) {
     pf = dq.PackFile.open("model.duquant.safetensors")
     pf.layer_names(); pf.layer("model.q_proj").config; pf.tensor("model.q_proj.qweight")
 )doc")
-      .def_static("open", &PackFile::open, py::arg("path"))
+      .def_static("open", [](py::object path) { return PackFile::open(fs_path(path)); }, py::arg("path"))
       .def_property_readonly("path", &PackFile::path)
       .def_property_readonly("format_version", &PackFile::format_version)
       .def_property_readonly("config", &PackFile::config, "The global config.")

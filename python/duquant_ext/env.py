@@ -52,6 +52,7 @@ Deliberate differences from the prototype's env switch (each was a bug or a trap
   using them after BLOCK or the checkpoint changed).
 - ROW_ROT=propagate is refused (the prototype's propagate mode produced wrong outputs).
 """
+import difflib
 import hashlib
 import os
 import re
@@ -199,11 +200,19 @@ def _config_from(environ: Mapping[str, str], sources: Dict[str, str]) -> _C.Conf
 
 
 def _warn_unknown(environ: Mapping[str, str]) -> None:
-    known = set(_CONFIG_VARS) | set(_SELECTION_VARS)
+    # Other DUQUANT_* variables exist (build and test knobs), so only near-misses of a setting's
+    # name are reported: those are typos that would otherwise be silently ignored.
+    known = list(_CONFIG_VARS) + list(_SELECTION_VARS)
     for key in environ:
-        if key.startswith("DUQUANT_") and key[len("DUQUANT_"):] not in known:
-            warnings.warn(f"{key} is not a duquant setting and is ignored; known: "
-                          + ", ".join("DUQUANT_" + k for k in sorted(known)), stacklevel=3)
+        for prefix in PREFIXES:
+            suffix = key[len(prefix):] if key.startswith(prefix) else None
+            if suffix is None or suffix in known:
+                continue
+            close = difflib.get_close_matches(suffix, known, n=1, cutoff=0.8)
+            if close:
+                warnings.warn(f"{key} is not a duquant setting and is ignored; did you mean {prefix}{close[0]}?",
+                              stacklevel=3)
+            break
 
 
 def config_from_env(environ: Optional[Mapping[str, str]] = None) -> _C.Config:

@@ -118,12 +118,16 @@ def test_what_enables_it(env, enabled):
     assert dq.settings_from_env(env).enabled is enabled
 
 
-def test_unknown_duquant_variable_warns():
-    with pytest.warns(UserWarning, match="DUQUANT_WBIT is not a duquant setting"):
+def test_misspelt_setting_warns():
+    with pytest.warns(UserWarning, match="DUQUANT_WBIT is not a duquant setting and is ignored; did you mean "
+                                         "DUQUANT_WBITS"):
         dq.settings_from_env({"DUQUANT_WBIT": "4"})
+    with pytest.warns(UserWarning, match="did you mean OPENPI_DUQUANT_CALIB_STEPS"):
+        dq.settings_from_env({"OPENPI_DUQUANT_CALIB_STEP": "4"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dq.settings_from_env({"OPENPI_DUQUANT_BACKEND": "x"})  # prototype-only names are ignored quietly
+        # Other duquant variables and prototype-only switches are not settings and pass quietly.
+        dq.settings_from_env({"OPENPI_DUQUANT_BACKEND": "x", "DUQUANT_PYTHON_DIR": "/x", "OPENPI_DUQUANT_DEBUG": "1"})
 
 
 def test_reads_os_environ_by_default(monkeypatch):

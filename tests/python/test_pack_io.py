@@ -76,7 +76,7 @@ def test_mixed_per_layer_configs_round_trip(tmp_path):
     dq.quantize_(model, dq.Config(wbits=8), include=r"mlp\.")
     dq.quantize_(model, dq.Config(wbits=4), include=r"self_attn\.")
     dq.save_pack(model, tmp_path / "p.safetensors")
-    pf = dq.PackFile.open(str(tmp_path / "p.safetensors"))
+    pf = dq.PackFile.open(tmp_path / "p.safetensors")  # os.PathLike works wherever a path is taken
     assert pf.layer("layers.0.mlp.up_proj").config.wbits == 8
     assert pf.layer("layers.0.self_attn.q_proj").config.wbits == 4
     assert pf.config.wbits == 4  # the global config is the most common one: 8 attention vs 6 MLP layers
