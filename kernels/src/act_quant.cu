@@ -170,7 +170,7 @@ __host__ __device__ inline SplitLayout split_layout(void* ws, int64_t m, int64_t
   return l;
 }
 
-template <int BS>
+template <int BS, DType DT>
 __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p) {
   __shared__ float xs[kSplitRows][kThreads];
   __shared__ float row_max[kSplitRows];
@@ -180,21 +180,37 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kSplitRows;
   const int rows = p.m - row0 < kSplitRows ? static_cast<int>(p.m - row0) : kSplitRows;
   const int t = threadIdx.x;
-  for (int r = 0; r < kSplitRows; ++r) {
-    float v = 0.f;
-    if (r < rows && t < l.chunk && c0 + t < p.k) v = gather_input(p, row0 + r, c0 + t);
-    xs[r][t] = v;
+  const int64_t o = c0 + t;
+  const bool active = t < l.chunk && o < p.k;
+  {
+    // One permutation lookup per column, then every token's load in flight at once.
+    const int64_t src = active ? (p.transform.perm ? __ldg(p.transform.perm + o) : o) : 0;
+    const float smooth = active && p.transform.smooth ? __ldg(p.transform.smooth + src) : 1.f;
+    float v[kSplitRows];
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r)
+      v[r] = active && r < rows ? load_as_float(p.x, DT, (row0 + r) * p.x_stride + src) : 0.f;
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r) xs[r][t] = p.transform.smooth ? v[r] / smooth : v[r];
   }
   if (t < kSplitRows) row_max[t] = 0.f;
   __syncthreads();
   float out[kSplitRows];
-  const int64_t o = c0 + t;
-  const bool active = t < l.chunk && o < p.k;
   if (active) {
     // Column t of this chunk is column j of block (c0 + t) / B; xs holds the chunk's blocks from 0.
     const int64_t blk = o / block;
     const float* r_shift = p.transform.r_in + (blk - t / block) * block * block;  // block 0 of the chunk
     rotate_column<kSplitRows, BS>(&xs[0][0], kThreads, r_shift, block, t, out);
+  }
+  if (p.static_scale) {
+    // Calibrated scale: codes right away, no second pass.
+    const float s = __ldg(p.static_scale);
+    const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r)
+      if (active && r < rows) p.codes[(row0 + r) * p.codes_stride + o] = to_code(out[r], s, qmax);
+    if (blockIdx.x == 0 && t < rows && p.scales) p.scales[row0 + t] = s;
+    return;
   }
 #pragma unroll
   for (int r = 0; r < kSplitRows; ++r) {  // compile-time index: `out` stays in registers
@@ -206,6 +222,15 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
   }
   __syncthreads();
   if (t < rows) l.chunk_max[(row0 + t) * l.nchunks + blockIdx.x] = row_max[t];
+}
+
+template <int BS>
+void launch_rotate_chunk(const ActQuantParams& p, dim3 grid, cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case DType::kFloat16: rotate_chunk_kernel<BS, DType::kFloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kBFloat16: rotate_chunk_kernel<BS, DType::kBFloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    default: rotate_chunk_kernel<BS, DType::kFloat32><<<grid, kThreads, 0, stream>>>(p); break;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams p) {
@@ -233,9 +258,10 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
   }
 }
 
-bool use_split(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
-  // Dynamic per-token scales with fewer tokens than the fused kernel needs to fill the GPU.
-  return abits > 0 && !static_scale && block <= kThreads && m < 2 * static_cast<int64_t>(num_sms) && k >= 512;
+// Every quantizing call with blocks that fit a chunk takes the split path: it reads each rotation
+// block once per 16 tokens, where the fused kernel re-reads all of R_in for every few tokens.
+bool use_split(int64_t k, int64_t codes_stride, int block, int abits) {
+  return abits > 0 && block <= kThreads && codes_stride == k;
 }
 
 template <int ROWS, int BS>
@@ -259,7 +285,7 @@ cudaError_t launch_rows(const ActQuantParams& p, int64_t kpad, cudaStream_t stre
 }  // namespace
 
 size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
-  if (!use_split(m, k, block, abits, static_scale, num_sms)) return 0;
+  if (static_scale || !use_split(k, k, block, abits)) return 0;
   const SplitLayout l = split_layout(nullptr, m, k, block);
   return static_cast<size_t>(((m * k + 63) / 64) * 64 + m * l.nchunks) * sizeof(float);
 }
@@ -267,15 +293,15 @@ size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, boo
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
-  if (p.workspace && use_split(p.m, p.k, block, p.abits, p.static_scale != nullptr, p.num_sms)) {
+  const bool is_static = p.static_scale != nullptr;
+  if (use_split(p.k, p.codes_stride, block, p.abits) && (is_static || p.workspace)) {
     const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
     const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
-    if (block == 16) rotate_chunk_kernel<16><<<grid1, kThreads, 0, stream>>>(p);
-    else rotate_chunk_kernel<0><<<grid1, kThreads, 0, stream>>>(p);
+    if (block == 16) launch_rotate_chunk<16>(p, grid1, stream);
+    else launch_rotate_chunk<0>(p, grid1, stream);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
-    const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((width + kThreads * 4 - 1) / (kThreads * 4)));
+    if (e != cudaSuccess || is_static) return e;
+    const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kThreads * 4 - 1) / (kThreads * 4)));
     quantize_chunk_kernel<<<grid2, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }

@@ -30,6 +30,10 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -81,7 +85,13 @@ struct Tile {
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
   static constexpr int EPI_STRIDE = BN + 4;  // floats
   static constexpr int EPI_BYTES = BM * EPI_STRIDE * 4;
-  static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  // Epilogue operands (token scales, weight scales, bias, the tile's R_out blocks) get their own
+  // region, fetched asynchronously with the first stage: the epilogue then touches no global memory
+  // but its output (a chain of dependent global loads there cost more than the whole main loop).
+  static constexpr int MAX_BO = 32;
+  static constexpr int PARAM_FLOATS = BM + 2 * BN + BN * MAX_BO;
+  static constexpr int BODY_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  static constexpr int SMEM_BYTES = BODY_BYTES + PARAM_FLOATS * 4;
   static_assert(MT >= 1 && NT >= 1 && BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile shape");
 };
 
@@ -121,6 +131,34 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
     }
   };
+
+  float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);  // [BM] token scales
+  float* sn_s = st_s + BM;                                         // [BN] weight scales
+  float* bias_s = sn_s + BN;                                       // [BN]
+  float* r_s = bias_s + BN;                                        // [BN / Bo][Bo][Bo]
+  const int bo = p.r_out ? p.block_out : 1;
+  {
+    for (int i = tid; i < BM; i += T::kThreads) {
+      const int64_t gm = m0 + i;
+      const bool ok = gm < p.m;
+      cp_async4(st_s + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
+    }
+    for (int i = tid; i < BN; i += T::kThreads) {
+      const int64_t gn = n0 + i;
+      const bool ok = gn < p.n;
+      cp_async4(sn_s + i, p.w_scale + (ok ? gn : 0), ok);
+      cp_async4(bias_s + i, p.bias ? p.bias + (ok ? gn : 0) : p.w_scale, ok && p.bias);
+    }
+    if (p.r_out) {
+      // The tile's output columns n0..n0+BN-1 are whole blocks: one contiguous run of R_out.
+      const int64_t first = n0 * bo, total = (p.n + bo - 1) / bo * bo * bo;
+      for (int i = tid; i < BN * bo / 4; i += T::kThreads) {
+        const int64_t src = first + 4 * static_cast<int64_t>(i);
+        const bool ok = src < total;
+        cp_async16(r_s + 4 * i, p.r_out + (ok ? src : 0), ok);
+      }
+    }
+  }
 
   int acc[T::MT][T::NT][4];
 #pragma unroll
@@ -216,29 +254,27 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
     float v = 0.f;  // padding rows/columns must be exact zeros: the restore sums over them
     if (gm < p.m && gn < p.n) {
       const int raw = tile_i[r * T::EPI_STRIDE + c];
-      const float st = p.a_scale_per_tensor ? __ldg(p.a_scale) : __ldg(p.a_scale + gm);
-      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * st * __ldg(p.w_scale + gn);
+      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * st_s[r] * sn_s[c];
     }
     tile_f[r * T::EPI_STRIDE + c] = v;
   }
   __syncthreads();
-  const int bo = p.block_out;
   for (int e = tid; e < BM * BN; e += T::kThreads) {
     const int r = e / BN, c = e % BN;
     const int64_t gm = m0 + r, gn = n0 + c;
     if (gm >= p.m || gn >= p.n) continue;
     float v;
     if (p.r_out) {
-      // y[:, blk] = y''[:, blk] * R_out[blk]; the tile holds whole blocks (BN % Bo == 0).
-      const int cb = c % bo, c0 = c - cb;
-      const float* rcol = p.r_out + (n0 + c0) / bo * bo * bo + cb;
+      // y[:, blk] = y''[:, blk] * R_out[blk]; the tile holds whole blocks (BN % Bo == 0), Bo a power of 2.
+      const int cb = c & (bo - 1), c0 = c - cb;
+      const float* rcol = r_s + c0 * bo + cb;
       const float* yrow = tile_f + r * T::EPI_STRIDE + c0;
       v = 0.f;
-      for (int q = 0; q < bo; ++q) v = fmaf(yrow[q], __ldg(rcol + q * bo), v);
+      for (int q = 0; q < bo; ++q) v = fmaf(yrow[q], rcol[q * bo], v);
     } else {
       v = tile_f[r * T::EPI_STRIDE + c];
     }
-    if (p.bias) v += __ldg(p.bias + gn);
+    if (p.bias) v += bias_s[c];
     store_out(p.y, p.out_dtype, gm * p.n + gn, v);
   }
 }
@@ -279,6 +315,7 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
 
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out) {
   if (k <= 0 || n <= 0 || k % 32 != 0 || wbits < 2 || wbits > 8) return false;
+  // Bo a power of two up to 32 (the epilogue keeps a tile's R_out blocks in shared memory).
   if (has_r_out && !(block_out >= 1 && (16 % block_out == 0 || block_out == 32))) return false;
   return true;
 }
