@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "checkpoint.h"
@@ -117,14 +118,17 @@ int64_t pack_bytes(const duquant::LayerPack& p) {
   return total;
 }
 
-// ||y_q - y_f|| / ||y_f|| on a random probe, y_f = x W^T + b from the checkpoint's weight. float32 is
-// ample for errors of 1e-3 and up, and keeps this pass cheap next to the packing on a CPU.
-double probe_error(const duquant::LayerPack& pack, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                   const torch::Device& device) {
+// ||y_q - y_f|| / ||y_f|| on a random probe x (seeded by the layer's position), y_f = x W^T + b with
+// the weight as packed, on the packing device. float32 is ample for errors of 1e-3 and up and keeps
+// this cheap next to the packing on a CPU.
+double probe_error(size_t index, const duquant::LayerPack& pack, const torch::Tensor& weight,
+                   const c10::optional<torch::Tensor>& bias) {
   torch::NoGradGuard no_grad;
-  auto x = torch::randn({kProbeTokens, pack.in_features}).to(device);
-  auto y_f = torch::matmul(x, weight.to(device).to(torch::kFloat32).t());
-  if (bias) y_f = y_f + bias->to(device).to(torch::kFloat32);
+  const auto device = weight.device();
+  auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(index));
+  auto x = torch::randn({kProbeTokens, pack.in_features}, gen, torch::kFloat32).to(device);
+  auto y_f = torch::matmul(x, weight.to(torch::kFloat32).t());
+  if (bias) y_f = y_f + bias->to(device, torch::kFloat32);
   auto y_q = duquant::reference_forward(x, pack, /*quantize_acts=*/!pack.config.needs_calibration());
   const double ref = y_f.norm().item<double>();
   const double err = (y_q - y_f).norm().item<double>();
@@ -213,13 +217,14 @@ int run(int argc, char** argv) {
   ProgressBar bar("packed", todo.size());
   duquant::PackModelOptions pack_options;
   pack_options.device = device;
+  std::vector<double> errors(todo.size(), 0.0);
+  // Measured while each weight is still on the device, not after (that would move it twice).
+  pack_options.on_packed = [&](size_t i, const torch::Tensor& weight, const duquant::LayerPack& pack) {
+    errors[i] = probe_error(i, pack, weight, todo[i].bias);
+  };
   auto packed = duquant::pack_linears(
       todo, [&](size_t done, size_t, const std::string& name) { bar.update(done, name); }, pack_options);
   bar.finish();
-
-  torch::manual_seed(0);  // the probe inputs: same numbers on every run and device
-  std::vector<double> errors;
-  for (size_t i = 0; i < packed.size(); ++i) errors.push_back(probe_error(packed[i].pack, todo[i].weight, todo[i].bias, device));
 
   std::vector<std::pair<std::string, torch::Tensor>> extra;
   if (o.copy_rest) {

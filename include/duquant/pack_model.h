@@ -32,6 +32,10 @@ struct PackModelOptions {
   // Bytes of float64 weights packed in one batched pass (peak memory is a few times this).
   // 0 = 1 GiB on CUDA, 256 MiB elsewhere. A layer larger than this is packed alone.
   int64_t max_stack_bytes = 0;
+  // Called for each layer right after its stack is packed, with its weight as packed (float64
+  // [N, K] on the packing device) and its pack: lets a caller check the result against the float
+  // weight (duquant-pack's output error) without moving the weight to the device a second time.
+  std::function<void(size_t index, const torch::Tensor& weight, const LayerPack& pack)> on_packed;
 };
 
 // Called after each layer is packed: (layers done, total layers, name of the layer just done).

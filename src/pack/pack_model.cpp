@@ -67,7 +67,7 @@ std::vector<Group> group_layers(const std::vector<LinearToPack>& layers, const P
 // Packs one stack of a group's layers. Values are checked here, on the stacked copy, in one pass;
 // only when that fails is each layer looked at, so the error names the culprit.
 std::vector<LayerPack> pack_stack(const std::vector<LinearToPack>& layers, const std::vector<size_t>& idx,
-                                  const Group& g) {
+                                  const Group& g, const PackModelOptions& options) {
   torch::NoGradGuard no_grad;
   const int64_t count = static_cast<int64_t>(idx.size());
   auto stack = torch::empty({count, g.out_features, g.in_features},
@@ -83,14 +83,18 @@ std::vector<LayerPack> pack_stack(const std::vector<LinearToPack>& layers, const
   if (!torch::isfinite(stack).all().item<bool>()) {
     for (size_t i : idx) check_linear_weight(layers[i].weight, layers[i].bias, layers[i].name);
   }
+  std::vector<LayerPack> packs;
   try {
-    return pack_weight_stack(stack, biases, g.config);
+    packs = pack_weight_stack(stack, biases, g.config);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(quoted_names(layers, idx) + ": " + e.what());
   } catch (const std::exception& e) {
     // Out of memory, a solver that did not converge: name every layer of the stack.
     throw std::runtime_error(quoted_names(layers, idx) + ": " + e.what());
   }
+  if (options.on_packed)
+    for (int64_t j = 0; j < count; ++j) options.on_packed(idx[j], stack[j], packs[j]);
+  return packs;
 }
 
 }  // namespace
@@ -113,7 +117,7 @@ std::vector<PackedLayer> pack_linears(const std::vector<LinearToPack>& layers, c
     for (size_t first = 0; first < g.members.size(); first += per_stack) {
       const size_t last = std::min(g.members.size(), first + per_stack);
       const std::vector<size_t> idx(g.members.begin() + first, g.members.begin() + last);
-      auto packs = pack_stack(layers, idx, g);
+      auto packs = pack_stack(layers, idx, g, options);
       for (size_t j = 0; j < idx.size(); ++j) {
         out[idx[j]] = PackedLayer{layers[idx[j]].name, std::move(packs[j])};
         ++done;

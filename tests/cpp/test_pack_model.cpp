@@ -123,6 +123,24 @@ TEST(PackLinears, DeviceOptionMovesThePacks) {
   for (const auto& p : packed) EXPECT_TRUE(p.pack.qweight.device().is_cpu());
 }
 
+TEST(PackLinears, OnPackedSeesEachWeightAsPackedAndItsPack) {
+  const auto layers = mixed_layers();
+  std::vector<int> calls(layers.size(), 0);
+  std::vector<torch::Tensor> seen_qweight(layers.size());
+  duquant::PackModelOptions options;
+  options.on_packed = [&](size_t i, const torch::Tensor& weight, const LayerPack& pack) {
+    ++calls.at(i);
+    EXPECT_EQ(weight.scalar_type(), torch::kFloat64);
+    EXPECT_TRUE(torch::equal(weight, layers[i].weight.to(torch::kFloat64))) << layers[i].name;
+    seen_qweight[i] = pack.qweight;
+  };
+  auto packed = duquant::pack_linears(layers, {}, options);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    EXPECT_EQ(calls[i], 1) << layers[i].name;
+    EXPECT_TRUE(torch::equal(seen_qweight[i], packed[i].pack.qweight)) << layers[i].name;
+  }
+}
+
 TEST(PackLinears, ErrorsNameTheLayer) {
   auto layers = mixed_layers();
   // NaN in the third layer of a stacked group: found in the stack, reported for that layer.
