@@ -10,5 +10,6 @@
 #include "duquant/io/safetensors_torch.h"
 #include "duquant/layer_pack.h"
 #include "duquant/pack_linear.h"
+#include "duquant/pack_model.h"
 #include "duquant/reference_forward.h"
 #include "duquant/weight_quant.h"
