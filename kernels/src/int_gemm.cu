@@ -302,13 +302,17 @@ cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
 template <int WBITS>
 cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
   const int bo = p.r_out ? p.block_out : 1;
+  auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   if (p.m <= 16) {
     // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
     return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
   }
-  if (p.m <= 128) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
-  return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+  // Otherwise the largest tile that still gives every SM a CTA: a 128x128 tile on a quarter of the
+  // SMs is slower than 32x32 tiles on all of them.
+  if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+  if (ctas(64, 64) >= p.num_sms || p.m > 256) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
+  return launch<32, 32, 2, 1, 4, 3, WBITS>(p, stream);
 }
 
 }  // namespace
