@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build everything against the GPU machine's PyTorch (CUDA), run every test, then the given steps.
+# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown]
+# nlohmann/CLI11 headers come from .deps/include when the machine has no packages for them.
+set -uo pipefail
+OUT=${1:?output folder}; shift
+mkdir -p "$OUT"
+P=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P" -DPython3_EXECUTABLE="$(command -v python3)" \
+  -DDUQUANT_EXTRA_INCLUDE="$PWD/.deps/include" -DDUQUANT_CUDA_ARCHITECTURES=90 >"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
+ninja -C build-gpu -j16 >"$OUT/build.log" 2>&1 || { grep -E 'error|FAILED' "$OUT/build.log" | head -20; exit 1; }
+export PYTHONPATH=$PWD/build-gpu/python
+for step in "$@"; do
+  case $step in
+    tests) (cd build-gpu && ctest -j8 --output-on-failure >"$OUT/ctest.log" 2>&1); tail -4 "$OUT/ctest.log"
+           grep -E 'passed|failed|skipped' "$OUT/ctest.log" | tail -3 ;;
+    pack) python3 benchmarks/pack_speed.py --pack-bin build-gpu/tools/duquant-pack >"$OUT/pack_speed.txt" 2>&1; tail -25 "$OUT/pack_speed.txt" ;;
+    linear) python3 benchmarks/linear_speed.py --out "$OUT/linear_speed.txt" >"$OUT/linear.log" 2>&1; tail -12 "$OUT/linear.log" ;;
+    e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
+    breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
