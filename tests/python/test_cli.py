@@ -312,3 +312,28 @@ def test_single_file_checkpoint_and_static_mode(tmp_path):
     pack = pf.load_layer("layers.1.mlp.up_proj")
     assert torch.equal(pack.qweight, ref.layers[1].mlp.up_proj.qweight)
     assert torch.equal(pack.w_scale, ref.layers[1].mlp.up_proj.w_scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: duquant-pack --device cuda needs one")
+def test_pack_on_gpu_tracks_cpu(checkpoint, tmp_path):
+    cpu_out, gpu_out = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
+    assert run(PACK, checkpoint["index"], "-o", cpu_out).returncode == 0
+    r = run(PACK, checkpoint["index"], "-o", gpu_out, "--device", "cuda")
+    if r.returncode == 1 and "built without CUDA" in r.stderr:
+        pytest.skip("this duquant-pack was built without CUDA")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"on cuda(:0)?$", r.stdout, re.M)
+    cpu_pf, gpu_pf = dq.PackFile.open(str(cpu_out)), dq.PackFile.open(str(gpu_out))
+    assert gpu_pf.layer_names() == cpu_pf.layer_names()
+    for name in SELECTED:
+        a, b = gpu_pf.load_layer(name), cpu_pf.load_layer(name)
+        assert torch.equal(a.perm, b.perm), name
+        assert (a.qweight == b.qweight).float().mean().item() >= 0.999, name
+        assert torch.allclose(a.w_scale, b.w_scale, rtol=1e-6, atol=0), name
+
+
+def test_device_errors_exit_1(checkpoint, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = run(PACK, checkpoint["index"], "-o", out, "--device", "cuda:63")
+    assert r.returncode == 1 and r.stderr.startswith("duquant-pack: error: --device cuda:63: "), r.stderr
+    assert not out.exists()
