@@ -194,7 +194,10 @@ def test_load_lands_on_the_layer_device(tmp_path):
     dq.load_pack(gpu, tmp_path / "p.safetensors")
     assert gpu.layers[0].mlp.up_proj.qweight.is_cuda
     x = torch.randn(4, 48)
-    assert torch.allclose(gpu(x.cuda()).cpu(), model(x), rtol=1e-4, atol=1e-4)
+    # Same pack, other device: the CUDA path may round a boundary activation code the other way
+    # (DESIGN §2), so compare as the fast-path tests do, not bit for bit.
+    y_gpu, y_cpu = gpu(x.cuda()).cpu(), model(x)
+    assert ((y_gpu - y_cpu).norm() / y_cpu.norm()).item() < 2e-3
 
 
 def test_bad_inputs(tmp_path):
