@@ -1,8 +1,7 @@
 #include "duquant/pack_model.h"
 
-#include <map>
+#include <algorithm>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 
 #include "duquant/pack_linear.h"

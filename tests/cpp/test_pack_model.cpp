@@ -1,4 +1,6 @@
 // pack_linears: grouped packing gives exactly pack_linear's result per layer, and names bad layers.
+#include <algorithm>
+#include <functional>
 #include <limits>
 
 #include "duquant/duquant.h"
