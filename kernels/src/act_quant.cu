@@ -202,6 +202,13 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
     const float* r_shift = p.transform.r_in + (blk - t / block) * block * block;  // block 0 of the chunk
     rotate_column<kSplitRows, BS>(&xs[0][0], kThreads, r_shift, block, t, out);
   }
+  if (p.abits == 0) {
+    // Weight-only: the transformed activations themselves, in the input's dtype.
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r)
+      if (active && r < rows) store_from_float(p.x_out, DT, (row0 + r) * p.codes_stride + o, out[r]);
+    return;
+  }
   if (p.static_scale) {
     // Calibrated scale: codes right away, no second pass.
     const float s = __ldg(p.static_scale);
@@ -261,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
 // Every quantizing call with blocks that fit a chunk takes the split path: it reads each rotation
 // block once per 16 tokens, where the fused kernel re-reads all of R_in for every few tokens.
 bool use_split(int64_t k, int64_t codes_stride, int block, int abits) {
-  return abits > 0 && block <= kThreads && codes_stride == k;
+  return block <= kThreads && codes_stride == k;
 }
 
 template <int ROWS, int BS>
@@ -285,7 +292,7 @@ cudaError_t launch_rows(const ActQuantParams& p, int64_t kpad, cudaStream_t stre
 }  // namespace
 
 size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
-  if (static_scale || !use_split(k, k, block, abits)) return 0;
+  if (static_scale || abits == 0 || !use_split(k, k, block, abits)) return 0;
   const SplitLayout l = split_layout(nullptr, m, k, block);
   return static_cast<size_t>(((m * k + 63) / 64) * 64 + m * l.nchunks) * sizeof(float);
 }
@@ -294,13 +301,13 @@ cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
   const bool is_static = p.static_scale != nullptr;
-  if (use_split(p.k, p.codes_stride, block, p.abits) && (is_static || p.workspace)) {
+  if (use_split(p.k, p.codes_stride, block, p.abits) && (is_static || p.abits == 0 || p.workspace)) {
     const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
     const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
     if (block == 16) launch_rotate_chunk<16>(p, grid1, stream);
     else launch_rotate_chunk<0>(p, grid1, stream);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || is_static) return e;
+    if (e != cudaSuccess || is_static || p.abits == 0) return e;
     const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kThreads * 4 - 1) / (kThreads * 4)));
     quantize_chunk_kernel<<<grid2, kThreads, 0, stream>>>(p);
     return cudaGetLastError();

@@ -15,29 +15,12 @@
 #include <cstdint>
 
 #include "duquant_kernels/kernels.h"
+#include "gemm_common.cuh"
 
 namespace duquant {
 namespace kernels {
 namespace {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 zero-fills without reading.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-  const int n = valid ? 4 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using namespace gemm;
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
@@ -53,18 +36,6 @@ __device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uin
   const uint32_t odd = w & 0xF0F0F0F0u;          // nibbles 1, 3, 5, 7
   lo = __byte_perm(even, odd, 0x5140);           // k 0, 1, 2, 3
   hi = __byte_perm(even, odd, 0x7362);           // k 4, 5, 6, 7
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-__device__ __forceinline__ void store_out(void* y, DType dt, int64_t idx, float v) {
-  switch (dt) {
-    case DType::kFloat16: static_cast<__half*>(y)[idx] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(y)[idx] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(y)[idx] = v; break;
-  }
 }
 
 // BM x BN output tile per CTA; WM x WN x WK warps (WK > 1 splits each stage's k range among warps
@@ -137,28 +108,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   float* bias_s = sn_s + BN;                                       // [BN]
   float* r_s = bias_s + BN;                                        // [BN / Bo][Bo][Bo]
   const int bo = p.r_out ? p.block_out : 1;
-  {
-    for (int i = tid; i < BM; i += T::kThreads) {
-      const int64_t gm = m0 + i;
-      const bool ok = gm < p.m;
-      cp_async4(st_s + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
-    }
-    for (int i = tid; i < BN; i += T::kThreads) {
-      const int64_t gn = n0 + i;
-      const bool ok = gn < p.n;
-      cp_async4(sn_s + i, p.w_scale + (ok ? gn : 0), ok);
-      cp_async4(bias_s + i, p.bias ? p.bias + (ok ? gn : 0) : p.w_scale, ok && p.bias);
-    }
-    if (p.r_out) {
-      // The tile's output columns n0..n0+BN-1 are whole blocks: one contiguous run of R_out.
-      const int64_t first = n0 * bo, total = (p.n + bo - 1) / bo * bo * bo;
-      for (int i = tid; i < BN * bo / 4; i += T::kThreads) {
-        const int64_t src = first + 4 * static_cast<int64_t>(i);
-        const bool ok = src < total;
-        cp_async16(r_s + 4 * i, p.r_out + (ok ? src : 0), ok);
-      }
-    }
-  }
+  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);
 
   int acc[T::MT][T::NT][4];
 #pragma unroll
@@ -259,24 +209,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
     tile_f[r * T::EPI_STRIDE + c] = v;
   }
   __syncthreads();
-  for (int e = tid; e < BM * BN; e += T::kThreads) {
-    const int r = e / BN, c = e % BN;
-    const int64_t gm = m0 + r, gn = n0 + c;
-    if (gm >= p.m || gn >= p.n) continue;
-    float v;
-    if (p.r_out) {
-      // y[:, blk] = y''[:, blk] * R_out[blk]; the tile holds whole blocks (BN % Bo == 0), Bo a power of 2.
-      const int cb = c & (bo - 1), c0 = c - cb;
-      const float* rcol = r_s + c0 * bo + cb;
-      const float* yrow = tile_f + r * T::EPI_STRIDE + c0;
-      v = 0.f;
-      for (int q = 0; q < bo; ++q) v = fmaf(yrow[q], rcol[q * bo], v);
-    } else {
-      v = tile_f[r * T::EPI_STRIDE + c];
-    }
-    if (p.bias) v += bias_s[c];
-    store_out(p.y, p.out_dtype, gm * p.n + gn, v);
-  }
+  restore_bias_store<BM, BN, T::EPI_STRIDE, T::kThreads>(p, m0, n0, tile_f, bias_s, r_s);
 }
 
 template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>

@@ -27,7 +27,10 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
   }
   const Config& c = layer.config;
   if (!c.quantize_weights()) return "unquantized weights (wbits=" + std::to_string(c.wbits) + ")";
-  if (!c.quantize_acts()) return "weight-only (abits=0) has no CUDA kernel yet";
+  if (!c.quantize_acts()) {
+    if (c.wbits > 4) return "weight-only kernels take wbits 2..4, not " + std::to_string(c.wbits);
+    if (x.defined() && x.scalar_type() == torch::kFloat32) return "weight-only kernels take float16/bfloat16 input";
+  }
   if (c.act == ActMode::kStaticChannel) return "static_channel scales are per input channel";
   if (layer.in_features % 32 != 0) return "in_features=" + std::to_string(layer.in_features) + " not a multiple of 32";
   if (layer.r_out.defined()) {
@@ -43,7 +46,9 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
 
 torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts) {
 #ifdef DUQUANT_WITH_CUDA
-  if (quantize_acts && x.defined() && x.is_cuda() && fast_path_blocker(layer, x).empty()) {
+  // Weight-only layers have no activation quantization to skip, so calibration batches go fast too.
+  if ((quantize_acts || !layer.config.quantize_acts()) && x.defined() && x.is_cuda() &&
+      fast_path_blocker(layer, x).empty()) {
     check_layer_input(x, layer);
     return cuda_fast::forward(x, layer);
   }

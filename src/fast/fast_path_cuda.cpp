@@ -26,10 +26,11 @@ void check(cudaError_t e, const char* what) {
 
 const float* f32_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T].
+// Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T]; with abits = 0
+// it fills x_out [T, K] (x's dtype) with the transformed activations instead.
 void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const torch::Tensor& r_in,
                       const torch::Tensor& static_scale, int64_t abits, torch::Tensor& codes, torch::Tensor& scales,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const torch::Tensor& x_out = torch::Tensor()) {
   kernels::ActQuantParams p;
   p.x = x2d.data_ptr();
   p.x_dtype = kernel_dtype(x2d.scalar_type());
@@ -41,9 +42,14 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   p.transform.block = static_cast<int>(r_in.size(1));
   p.abits = static_cast<int>(abits);
   p.static_scale = f32_or_null(static_scale);
-  p.codes = codes.data_ptr<int8_t>();
-  p.codes_stride = codes.size(1);
-  p.scales = scales.data_ptr<float>();
+  if (abits > 0) {
+    p.codes = codes.data_ptr<int8_t>();
+    p.codes_stride = codes.size(1);
+    p.scales = scales.data_ptr<float>();
+  } else {
+    p.x_out = x_out.data_ptr();
+    p.codes_stride = x_out.size(1);
+  }
   p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
   const size_t ws = kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits,
                                                        p.static_scale != nullptr, p.num_sms);
@@ -81,17 +87,28 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   const Config& cfg = layer.config;
   const bool per_tensor = cfg.act == ActMode::kStatic;
 
-  auto codes = torch::empty({m, k}, x.options().dtype(torch::kInt8));
-  auto scales = torch::empty({m}, x.options().dtype(torch::kFloat32));
-  run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(), cfg.abits, codes,
-                   scales, stream);
+  const bool weight_only = !cfg.quantize_acts();
+  torch::Tensor codes, scales, xt;
+  if (weight_only) {
+    xt = torch::empty({m, k}, x.options());
+  } else {
+    codes = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+    scales = torch::empty({m}, x.options().dtype(torch::kFloat32));
+  }
+  run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
+                   weight_only ? 0 : cfg.abits, codes, scales, stream, xt);
 
   auto y = torch::empty({m, n}, x.options());
   kernels::IntGemmParams p;
-  p.a = codes.data_ptr<int8_t>();
+  if (weight_only) {
+    p.a16 = xt.data_ptr();
+    p.a16_dtype = kernel_dtype(x.scalar_type());
+  } else {
+    p.a = codes.data_ptr<int8_t>();
+    p.a_scale = scales.data_ptr<float>();
+    p.a_scale_per_tensor = false;  // the input kernel writes the static scale per token too
+  }
   p.a_stride = k;
-  p.a_scale = scales.data_ptr<float>();
-  p.a_scale_per_tensor = false;  // the input kernel writes the static scale per token too
   p.w = layer.qweight.data_ptr();
   p.wbits = static_cast<int>(cfg.wbits);
   p.w_scale = layer.w_scale.data_ptr<float>();
@@ -104,7 +121,7 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   p.n = n;
   p.k = k;
   p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
-  check(kernels::int_gemm(p, stream), "GEMM launch");
+  check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, stream), "GEMM launch");
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;

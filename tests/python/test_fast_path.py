@@ -138,8 +138,8 @@ def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias):
 # ---- whole layers against the reference path -----------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 64, 257])
-@pytest.mark.parametrize("cfg", [dict(), dict(wbits=8), dict(act="static", calib_steps=2)],
-                         ids=["w4a8", "w8a8", "static"])
+@pytest.mark.parametrize("cfg", [dict(), dict(wbits=8), dict(act="static", calib_steps=2), dict(abits=0)],
+                         ids=["w4a8", "w8a8", "static", "w4a16"])
 def test_layer_matches_reference(dtype, m, cfg):
     k, n = 1024, 768
     lin = outlier_linear(n, k, True, seed=m)
@@ -160,6 +160,30 @@ def test_layer_matches_reference(dtype, m, cfg):
     # Float32 in: only summation order and rare boundary codes differ. 16-bit out: one rounding.
     tol = 2e-4 if dtype == torch.float32 else 8e-3
     assert err < tol, f"relative error {err:.3g} against the reference path"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 256, 512, dict()), (7, 200, 96, dict(wbits=3)), (33, 250, 1024, dict(block_out=8)),
+    (129, 512, 384, dict(row_rot="none", permute=False)), (300, 1000, 2048, dict(block_size=32, block_out=32)),
+])
+def test_weight_only_matches_float64(dtype, m, n, k, cfg):
+    """W4A16: the GEMM against float64 from the same 16-bit transformed activations."""
+    config = dq.Config(abits=0, **cfg)
+    layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=n + k), config)
+    x = outlier_input(m, k, dtype, seed=m)
+    # The kernel rounds the float32 x' to x's dtype; a float64 emulation of that input.
+    perm = layer.perm if layer.perm is not None else torch.arange(k)
+    xt = restore64(x.double()[:, perm], layer.r_in).to(dtype).double()  # same block product as the restore
+    w = unpack_codes(layer.qweight, config.wbits, k).double() * layer.w_scale.double()[:, None]
+    expect = restore64(xt @ w.T, layer.r_out) + layer.bias.double()
+    gpu = layer.cuda()
+    assert gpu.execution_path == "cuda"
+    poison_next_allocation(((m, n), dtype))
+    y = gpu(x.cuda())
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    err = ((y.double().cpu() - expect).norm() / expect.norm()).item()
+    assert err < 4e-3, f"relative error {err:.3g}"
 
 
 def test_leading_dims_and_noncontiguous_input():

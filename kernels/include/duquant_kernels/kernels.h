@@ -67,11 +67,19 @@ struct IntGemmParams {
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
+  // Weight-only GEMM (wo_gemm): the transformed activations in float16/bfloat16 instead of codes;
+  // a_scale is then nullptr.
+  const void* a16 = nullptr;
+  DType a16_dtype = DType::kBFloat16;
 };
 
 // True when the GEMM kernels can run these sizes (K % 32 == 0, Bo divides a tile width).
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
 cudaError_t int_gemm(const IntGemmParams& p, cudaStream_t stream);
+
+// Weight-only: y = restore( s_n[n] * sum_k a16[m, k] * w[n, k] ) + bias, int4 weights (wbits 2..4).
+bool wo_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
+cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace duquant
