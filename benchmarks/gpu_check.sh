@@ -18,6 +18,7 @@ for step in "$@"; do
     linear) python3 benchmarks/linear_speed.py --out "$OUT/linear_speed.txt" >"$OUT/linear.log" 2>&1; tail -12 "$OUT/linear.log" ;;
     e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
     breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
+    breakdown-unchained) DUQUANT_CHAIN_KERNELS=0 python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown_unchained.txt" 2>&1; cat "$OUT/breakdown_unchained.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

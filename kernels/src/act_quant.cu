@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "duquant_kernels/kernels.h"
+#include "launch.cuh"
 
 namespace duquant {
 namespace kernels {
@@ -182,6 +183,7 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
   const int t = threadIdx.x;
   const int64_t o = c0 + t;
   const bool active = t < l.chunk && o < p.k;
+  pdl_trigger();  // the next kernel may start; it waits for this one's results itself
   {
     // One permutation lookup per column, then every token's load in flight at once.
     const int64_t src = active ? (p.transform.perm ? __ldg(p.transform.perm + o) : o) : 0;
@@ -242,6 +244,8 @@ void launch_rotate_chunk(const ActQuantParams& p, dim3 grid, cudaStream_t stream
 
 __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams p) {
   __shared__ float scale_s;
+  pdl_trigger();
+  pdl_wait();  // the rotated values come from rotate_chunk_kernel
   const SplitLayout l = split_layout(p.workspace, p.m, p.k, p.transform.block);
   const int64_t row = blockIdx.x;
   const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
@@ -309,8 +313,7 @@ cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || is_static || p.abits == 0) return e;
     const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kThreads * 4 - 1) / (kThreads * 4)));
-    quantize_chunk_kernel<<<grid2, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(quantize_chunk_kernel, grid2, dim3(kThreads), 0, stream, p.chain, p);
   }
   const int64_t kpad = (p.k + block - 1) / block * block;
   // More rows per CTA share the rotation reads; fewer keep every SM busy at small M.

@@ -16,6 +16,7 @@
 
 #include "duquant_kernels/kernels.h"
 #include "gemm_common.cuh"
+#include "launch.cuh"
 
 namespace duquant {
 namespace kernels {
@@ -82,9 +83,8 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   const auto* w_g = static_cast<const unsigned char*>(p.w);
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
-  auto load_stage = [&](int stage, int slot) {
+  auto load_a = [&](int stage, int slot) {
     unsigned char* sa = smem + slot * T::STAGE_BYTES;
-    unsigned char* sb = sa + T::A_BYTES;
     const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
     constexpr int A_CHUNKS = BM * T::KS / 16;
     for (int c = tid; c < A_CHUNKS; c += T::kThreads) {
@@ -93,6 +93,10 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       const bool ok = gm < p.m && gk < p.k;
       cp_async16(sa + r * T::A_STRIDE + col, ok ? a_g + gm * p.a_stride + gk : a_g, ok);
     }
+  };
+  auto load_b = [&](int stage, int slot) {
+    unsigned char* sb = smem + slot * T::STAGE_BYTES + T::A_BYTES;
+    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
     constexpr int B_CHUNKS = BN * T::B_ROW / 16;
     const int64_t kb0 = T::kInt4 ? k0 / 2 : k0;
     for (int c = tid; c < B_CHUNKS; c += T::kThreads) {
@@ -102,13 +106,15 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
     }
   };
+  auto load_stage = [&](int stage, int slot) {
+    load_a(stage, slot);
+    load_b(stage, slot);
+  };
 
   float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);  // [BM] token scales
   float* sn_s = st_s + BM;                                         // [BN] weight scales
   float* bias_s = sn_s + BN;                                       // [BN]
   float* r_s = bias_s + BN;                                        // [BN / Bo][Bo][Bo]
-  const int bo = p.r_out ? p.block_out : 1;
-  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);
 
   int acc[T::MT][T::NT][4];
 #pragma unroll
@@ -118,9 +124,15 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
+  // Weights first: they do not depend on the input kernels, which may still be running (chain).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < num_stages) load_b(s, s);
+  pdl_wait();
+  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);  // token scales: after the wait
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_stages) load_stage(s, s);
+    if (s < num_stages) load_a(s, s);
     cp_async_commit();
   }
 
@@ -228,8 +240,7 @@ cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
     }
   }
   const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-  kernel<<<grid, T::kThreads, T::SMEM_BYTES, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(T::kThreads), T::SMEM_BYTES, stream, p.chain, p);
 }
 
 template <int WBITS>

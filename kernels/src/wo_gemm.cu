@@ -14,6 +14,7 @@
 
 #include "duquant_kernels/kernels.h"
 #include "gemm_common.cuh"
+#include "launch.cuh"
 
 namespace duquant {
 namespace kernels {
@@ -87,9 +88,8 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
   const auto* w_g = static_cast<const unsigned char*>(p.w);
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
-  auto load_stage = [&](int stage, int slot) {
+  auto load_a = [&](int stage, int slot) {
     unsigned char* sa = smem + slot * T::STAGE_BYTES;
-    unsigned char* sb = sa + T::A_BYTES;
     const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
     constexpr int A_CHUNKS = BM * T::KS * 2 / 16;  // 8 activations per 16 bytes
     for (int c = tid; c < A_CHUNKS; c += T::kThreads) {
@@ -98,6 +98,10 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
       const bool ok = gm < p.m && gk < p.k;
       cp_async16(sa + r * T::A_STRIDE + 2 * col, ok ? a_g + 2 * (gm * p.a_stride + gk) : a_g, ok);
     }
+  };
+  auto load_b = [&](int stage, int slot) {
+    unsigned char* sb = smem + slot * T::STAGE_BYTES + T::A_BYTES;
+    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
     constexpr int B_CHUNKS = BN * T::B_ROW / 16;
     for (int c = tid; c < B_CHUNKS; c += T::kThreads) {
       const int r = c / (T::B_ROW / 16), col = (c % (T::B_ROW / 16)) * 16;
@@ -106,12 +110,15 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
       cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
     }
   };
+  auto load_stage = [&](int stage, int slot) {
+    load_a(stage, slot);
+    load_b(stage, slot);
+  };
 
   float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);
   float* sn_s = st_s + BM;
   float* bias_s = sn_s + BN;
   float* r_s = bias_s + BN;
-  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);
 
   float acc[T::MT][T::NT][4];
 #pragma unroll
@@ -121,9 +128,15 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+  // Weights first: they do not depend on the input kernels, which may still be running (chain).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < num_stages) load_b(s, s);
+  pdl_wait();
+  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);  // token scales: after the wait
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_stages) load_stage(s, s);
+    if (s < num_stages) load_a(s, s);
     cp_async_commit();
   }
   for (int stage = 0; stage < num_stages; ++stage) {
@@ -206,8 +219,7 @@ cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-  kernel<<<grid, T::kThreads, T::SMEM_BYTES, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(T::kThreads), T::SMEM_BYTES, stream, p.chain, p);
 }
 
 }  // namespace

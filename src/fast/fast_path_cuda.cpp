@@ -4,6 +4,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "duquant/reference_forward.h"
 #include "duquant_kernels/kernels.h"
 
@@ -25,6 +28,16 @@ void check(cudaError_t e, const char* what) {
 }
 
 const float* f32_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// Programmatic dependent launch between a layer's kernels (Hopper and newer); DUQUANT_CHAIN_KERNELS=0
+// turns it off, for comparing.
+bool chain_kernels(const torch::Device& device) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DUQUANT_CHAIN_KERNELS");
+    return !(v && std::string(v) == "0");
+  }();
+  return enabled && at::cuda::getDeviceProperties(device.index())->major >= 9;
+}
 
 // Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T]; with abits = 0
 // it fills x_out [T, K] (x's dtype) with the transformed activations instead.
@@ -51,6 +64,7 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
     p.codes_stride = x_out.size(1);
   }
   p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
+  p.chain = chain_kernels(x2d.device());
   const size_t ws = kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits,
                                                        p.static_scale != nullptr, p.num_sms);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
@@ -121,6 +135,7 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   p.n = n;
   p.k = k;
   p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  p.chain = chain_kernels(x.device());
   check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, stream), "GEMM launch");
 
   auto out_shape = x.sizes().vec();

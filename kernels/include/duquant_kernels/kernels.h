@@ -36,6 +36,7 @@ struct ActQuantParams {
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
   void* x_out = nullptr;            // [M, codes_stride] (x_dtype), used when abits == 0
   int num_sms = 132;
+  bool chain = false;  // Hopper: let the kernels after the first start early (kernels/src/launch.cuh)
   // Scratch of act_quant_workspace_bytes(): with few tokens the row is split over many CTAs,
   // which stage the rotated values and per-chunk maxima here before a second pass quantizes.
   void* workspace = nullptr;
@@ -67,6 +68,7 @@ struct IntGemmParams {
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
+  bool chain = false;               // launched right after the input kernels: start early, wait in-kernel
   // Weight-only GEMM (wo_gemm): the transformed activations in float16/bfloat16 instead of codes;
   // a_scale is then nullptr.
   const void* a16 = nullptr;
