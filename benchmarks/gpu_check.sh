@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build everything against the GPU machine's PyTorch (CUDA), run every test, then the given steps.
-# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown]
+# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [install]
 # nlohmann/CLI11 headers come from .deps/include when the machine has no packages for them.
 set -uo pipefail
 OUT=${1:?output folder}; shift
@@ -19,6 +19,19 @@ for step in "$@"; do
     e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
     breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
     breakdown-unchained) DUQUANT_CHAIN_KERNELS=0 python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown_unchained.txt" 2>&1; cat "$OUT/breakdown_unchained.txt" ;;
+    install)  # the installed C++ package and the pip package, as a user gets them
+      SRC=$PWD
+      cmake --install build-gpu --prefix /tmp/dq-prefix >"$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
+      grep INTERFACE_ /tmp/dq-prefix/lib/cmake/duquant/duquantTargets.cmake
+      cmake -S examples/cpp_app -B /tmp/dq-app -G Ninja -DCMAKE_PREFIX_PATH="/tmp/dq-prefix;$P" >>"$OUT/install.log" 2>&1 &&
+        cmake --build /tmp/dq-app >>"$OUT/install.log" 2>&1 && /tmp/dq-app/duquant_cpp_app | tail -4
+      /tmp/dq-prefix/bin/duquant-pack --help | head -2
+      CMAKE_BUILD_PARALLEL_LEVEL=16 CMAKE_ARGS="-DDUQUANT_EXTRA_INCLUDE=$SRC/.deps/include -DDUQUANT_CUDA_ARCHITECTURES=90" \
+        python3 -m pip install --no-build-isolation --no-index --no-deps --target /tmp/dq-site . >"$OUT/pip.log" 2>&1
+      tail -1 "$OUT/pip.log"
+      (cd /tmp && PYTHONPATH=/tmp/dq-site python3 -c 'import duquant_ext; print("installed copy:", duquant_ext.__file__)')
+      PYTHONPATH=/tmp/dq-site /tmp/dq-site/bin/duquant-pack --help | head -2
+      (cd /tmp && PYTHONPATH=/tmp/dq-site DUQUANT_BIN_DIR=/tmp/dq-site/duquant_ext/bin python3 -m pytest -q -p no:cacheprovider "$SRC/tests/python" >"$OUT/pytest_installed.log" 2>&1; tail -2 "$OUT/pytest_installed.log") ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
