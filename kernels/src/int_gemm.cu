@@ -250,6 +250,8 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
   if (p.m <= 16) {
     // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+    // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
+    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, 6, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 6, WBITS>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
   }
   // Otherwise the largest tile that still gives every SM a CTA: a 128x128 tile on a quarter of the

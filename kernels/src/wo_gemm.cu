@@ -234,6 +234,7 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   if (p.m <= 16) {
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, 6>(p, stream) : launch<16, 16, 1, 1, 8, 6>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
   }
   if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 3>(p, stream);
