@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "duquant_kernels/kernels.h"
+#include "launch.cuh"
 
 namespace duquant {
 namespace kernels {
@@ -42,6 +43,39 @@ __device__ __forceinline__ void store_out(void* y, DType dt, int64_t idx, float 
     case DType::kBFloat16: static_cast<__nv_bfloat16*>(y)[idx] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(y)[idx] = v; break;
   }
+}
+
+// The cp.async pipeline of both GEMMs. The first stages' weights are requested before the chain
+// wait (they do not depend on the input kernels, which may still be running); then `after_wait`
+// (the epilogue operands, token scales among them) and the activations. Per stage: wait for it,
+// refill the slot the previous stage freed, compute(slot). Ends with every copy landed and a
+// barrier, so the epilogue may reuse the pipeline's shared memory.
+template <int STAGES, class LoadA, class LoadB, class AfterWait, class Compute>
+__device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, LoadB&& load_b, AfterWait&& after_wait,
+                                             Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < num_stages) load_b(s, s);
+  pdl_wait();
+  after_wait();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_stages) load_a(s, s);
+    cp_async_commit();
+  }
+  for (int stage = 0; stage < num_stages; ++stage) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `stage` has landed for everyone; slot (stage-1) % STAGES is free again
+    const int next = stage + STAGES - 1;
+    if (next < num_stages) {
+      load_a(next, next % STAGES);
+      load_b(next, next % STAGES);
+    }
+    cp_async_commit();
+    compute(stage % STAGES);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
 }
 
 // Epilogue operands get their own shared-memory region, fetched asynchronously with the first

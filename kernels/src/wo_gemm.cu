@@ -110,10 +110,6 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
       cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
     }
   };
-  auto load_stage = [&](int stage, int slot) {
-    load_a(stage, slot);
-    load_b(stage, slot);
-  };
 
   float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);
   float* sn_s = st_s + BM;
@@ -128,57 +124,41 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // Weights first: they do not depend on the input kernels, which may still be running (chain).
+  run_pipeline<STAGES>(
+      num_stages, load_a, load_b,
+      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s); },
+      [&](int slot) {
+        const unsigned char* sa = smem + slot * T::STAGE_BYTES;
+        const unsigned char* sb = sa + T::A_BYTES;
+        const unsigned char* a_base = sa + (wm * (BM / WM) + g) * T::A_STRIDE + wk * 256 + 64 * t;
+        const unsigned char* b_base = sb + (wn * (BN / WN) + g) * T::B_STRIDE + wk * 64 + 16 * t;
+        uint4 b4[T::NT];
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s)
-    if (s < num_stages) load_b(s, s);
-  pdl_wait();
-  load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s);  // token scales: after the wait
+        for (int j = 0; j < T::NT; ++j) b4[j] = *reinterpret_cast<const uint4*>(b_base + j * 8 * T::B_STRIDE);
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_stages) load_a(s, s);
-    cp_async_commit();
-  }
-  for (int stage = 0; stage < num_stages; ++stage) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    {
-      const int next = stage + STAGES - 1;
-      if (next < num_stages) load_stage(next, next % STAGES);
-      cp_async_commit();
-    }
-    const unsigned char* sa = smem + (stage % STAGES) * T::STAGE_BYTES;
-    const unsigned char* sb = sa + T::A_BYTES;
-    const unsigned char* a_base = sa + (wm * (BM / WM) + g) * T::A_STRIDE + wk * 256 + 64 * t;
-    const unsigned char* b_base = sb + (wn * (BN / WN) + g) * T::B_STRIDE + wk * 64 + 16 * t;
-    uint4 b4[T::NT];
+        for (int h = 0; h < 4; ++h) {
+          uint4 alo[T::MT], ahi[T::MT];
 #pragma unroll
-    for (int j = 0; j < T::NT; ++j) b4[j] = *reinterpret_cast<const uint4*>(b_base + j * 8 * T::B_STRIDE);
+          for (int i = 0; i < T::MT; ++i) {
+            alo[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16) * T::A_STRIDE + 16 * h);
+            ahi[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16 + 8) * T::A_STRIDE + 16 * h);
+          }
 #pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      uint4 alo[T::MT], ahi[T::MT];
+          for (int q = 0; q < 2; ++q) {  // k step 2h + q: nibbles 8h + 4q .. 8h + 4q + 3
 #pragma unroll
-      for (int i = 0; i < T::MT; ++i) {
-        alo[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16) * T::A_STRIDE + 16 * h);
-        ahi[i] = *reinterpret_cast<const uint4*>(a_base + (i * 16 + 8) * T::A_STRIDE + 16 * h);
-      }
+            for (int j = 0; j < T::NT; ++j) {
+              const uint32_t w16 = (word(b4[j], h) >> (16 * q)) & 0xFFFFu;
+              const uint32_t b0 = nibble_pair<BF16>((w16 & 0xFu) | ((w16 & 0xF0u) << 12));
+              const uint32_t b1 = nibble_pair<BF16>(((w16 >> 8) & 0xFu) | ((w16 & 0xF000u) << 4));
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {  // k step 2h + q: nibbles 8h + 4q .. 8h + 4q + 3
-#pragma unroll
-        for (int j = 0; j < T::NT; ++j) {
-          const uint32_t w16 = (word(b4[j], h) >> (16 * q)) & 0xFFFFu;
-          const uint32_t b0 = nibble_pair<BF16>((w16 & 0xFu) | ((w16 & 0xF0u) << 12));
-          const uint32_t b1 = nibble_pair<BF16>(((w16 >> 8) & 0xFu) | ((w16 & 0xF000u) << 4));
-#pragma unroll
-          for (int i = 0; i < T::MT; ++i)
-            mma_16bit<BF16>(acc[i][j], word(alo[i], 2 * q), word(ahi[i], 2 * q), word(alo[i], 2 * q + 1),
-                            word(ahi[i], 2 * q + 1), b0, b1);
+              for (int i = 0; i < T::MT; ++i)
+                mma_16bit<BF16>(acc[i][j], word(alo[i], 2 * q), word(ahi[i], 2 * q), word(alo[i], 2 * q + 1),
+                                word(ahi[i], 2 * q + 1), b0, b1);
+            }
+          }
         }
-      }
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+      });
+
 
   // ---- epilogue: k-split partials summed in a fixed order (deterministic), scale, restore ----
   float* tile_f = reinterpret_cast<float*>(smem);
