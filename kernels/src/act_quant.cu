@@ -1,15 +1,15 @@
-// The input side of the fast path, one kernel: read x once, apply the transform stages
-// (smoothing, permutation, block rotations), find each token's scale, write int8 codes.
+// The input side of the fast path: read x once, apply the transform stages (smoothing,
+// permutation, block rotations), find each token's scale, write int8 codes (or, weight-only, the
+// transformed activations in x's dtype).
 //
-// A CTA owns ROWS tokens. It stages their permuted (and smoothed) rows in shared memory as float32,
-// then runs the block rotation twice: once for the per-token max (dynamic scales), once to write
-// codes. Recomputing is cheaper than keeping the rotated rows: B multiply-adds per element against
-// shared memory that would otherwise double, and it leaves room for K up to ~28k at one row per CTA.
-// Every rotation column is read from global memory (L1/L2) once per CTA and used for all its rows.
+// Two passes, each spread over many CTAs so that one token's row is not one CTA's serial work:
+// rotate_chunk_kernel (grid: column chunks x groups of 16 tokens) rotates a chunk of whole blocks,
+// reading each rotation column once for 16 tokens, and stores the rotated values with the chunk's
+// max |x'| per token; quantize_chunk_kernel (grid: tokens x column ranges) reduces those maxima to
+// the token's scale and writes codes. With a static scale (or none, weight-only) pass 1 writes the
+// result directly.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <algorithm>
 
 #include "duquant_kernels/kernels.h"
 #include "launch.cuh"
@@ -66,94 +66,12 @@ __device__ __forceinline__ void rotate_column(const float* xs, int64_t xs_stride
   }
 }
 
-__device__ __forceinline__ float gather_input(const ActQuantParams& p, int64_t row, int64_t c) {
-  const int64_t src = p.transform.perm ? __ldg(p.transform.perm + c) : c;
-  float v = load_as_float(p.x, p.x_dtype, row * p.x_stride + src);
-  if (p.transform.smooth) v = v / __ldg(p.transform.smooth + src);
-  return v;
-}
-
 __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
   // Division (not a reciprocal multiply) and round-half-even, exactly as the reference.
   return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
 }
 
-template <int ROWS, int BS>
-__global__ void __launch_bounds__(kThreads) act_quant_kernel(ActQuantParams p) {
-  extern __shared__ float xs[];  // [ROWS][kpad]
-  __shared__ float row_max[ROWS];
-  __shared__ float row_scale[ROWS];
-  const int block = p.transform.block;
-  const int64_t nblocks = (p.k + block - 1) / block;
-  const int64_t kpad = nblocks * block;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * ROWS;
-  const int rows = p.m - row0 < ROWS ? static_cast<int>(p.m - row0) : ROWS;
-
-  // 1. Stage x~ = (x / smooth)[:, perm], zero-padded to whole blocks (the short block's identity tail).
-  for (int r = 0; r < ROWS; ++r) {
-    for (int64_t c = threadIdx.x; c < kpad; c += kThreads) {
-      float v = 0.f;
-      if (r < rows && c < p.k) v = gather_input(p, row0 + r, c);
-      xs[r * kpad + c] = v;
-    }
-  }
-  if (threadIdx.x < ROWS) row_max[threadIdx.x] = 0.f;
-  __syncthreads();
-
-  const bool quantize = p.abits > 0;
-  const float qmax = quantize ? static_cast<float>((1 << (p.abits - 1)) - 1) : 0.f;
-  float out[ROWS];
-
-  // 2. Per-token scale: max |x'| over the row's K real columns (dynamic), or the calibrated one.
-  if (quantize && p.static_scale == nullptr) {
-    float local[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) local[r] = 0.f;
-    for (int64_t o = threadIdx.x; o < p.k; o += kThreads) {
-      rotate_column<ROWS, BS>(xs, kpad, p.transform.r_in, block, o, out);
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) local[r] = fmaxf(local[r], fabsf(out[r]));
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      float v = local[r];
-      for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-      // Non-negative floats order like their bit patterns: an integer atomic max is exact.
-      if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(&row_max[r]), __float_as_int(v));
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x < ROWS && static_cast<int>(threadIdx.x) < rows) {
-    float s = 1.f;
-    if (quantize) s = p.static_scale ? __ldg(p.static_scale) : fmaxf(row_max[threadIdx.x] / qmax, 1e-8f);
-    row_scale[threadIdx.x] = s;
-    if (p.scales) p.scales[row0 + threadIdx.x] = s;
-  }
-  __syncthreads();
-
-  // 3. Codes (or the transformed 16-bit activations for the weight-only path); zero padding to
-  //    codes_stride so the GEMM can read whole 16-byte chunks.
-  const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
-  for (int64_t o = threadIdx.x; o < width; o += kThreads) {
-    if (o < p.k) rotate_column<ROWS, BS>(xs, kpad, p.transform.r_in, block, o, out);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r >= rows || o >= p.codes_stride) continue;
-      const int64_t dst = (row0 + r) * p.codes_stride + o;
-      if (quantize) {
-        p.codes[dst] = o < p.k ? to_code(out[r], row_scale[r], qmax) : 0;
-      } else {
-        store_from_float(p.x_out, p.x_dtype, dst, o < p.k ? out[r] : 0.f);
-      }
-    }
-  }
-}
-
-// ---- few tokens: split each row over many CTAs --------------------------------------------------
-// Pass 1 (grid: column chunks x groups of up to kSplitRows tokens): rotate a chunk of whole blocks,
-// store it as float32 and the chunk's max |x'| per token. Pass 2 (grid: tokens x column chunks):
-// reduce the chunk maxima to the token's scale and write codes.
-constexpr int kSplitRows = 16;
+constexpr int kSplitRows = 16;  // tokens per pass-1 CTA
 
 struct SplitLayout {
   int64_t chunk;     // columns per pass-1 CTA: whole blocks, at most kThreads
@@ -164,8 +82,8 @@ struct SplitLayout {
 
 __host__ __device__ inline SplitLayout split_layout(void* ws, int64_t m, int64_t k, int block) {
   SplitLayout l;
-  l.chunk = block <= kThreads ? (kThreads / block) * block : 0;
-  l.nchunks = l.chunk ? (k + l.chunk - 1) / l.chunk : 0;
+  l.chunk = (kThreads / block) * block;
+  l.nchunks = (k + l.chunk - 1) / l.chunk;
   l.rotated = static_cast<float*>(ws);
   l.chunk_max = l.rotated + ((m * k + 63) / 64) * 64;
   return l;
@@ -208,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
     // Weight-only: the transformed activations themselves, in the input's dtype.
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r)
-      if (active && r < rows) store_from_float(p.x_out, DT, (row0 + r) * p.codes_stride + o, out[r]);
+      if (active && r < rows) store_from_float(p.x_out, DT, (row0 + r) * p.k + o, out[r]);
     return;
   }
   if (p.static_scale) {
@@ -217,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
     const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r)
-      if (active && r < rows) p.codes[(row0 + r) * p.codes_stride + o] = to_code(out[r], s, qmax);
+      if (active && r < rows) p.codes[(row0 + r) * p.k + o] = to_code(out[r], s, qmax);
     if (blockIdx.x == 0 && t < rows && p.scales) p.scales[row0 + t] = s;
     return;
   }
@@ -261,42 +179,18 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
   }
   __syncthreads();
   const float s = scale_s;
-  const int64_t width = p.k > p.codes_stride ? p.k : p.codes_stride;
-  for (int64_t o = static_cast<int64_t>(blockIdx.y) * kThreads * 4 + threadIdx.x; o < width &&
-       o < static_cast<int64_t>(blockIdx.y + 1) * kThreads * 4; o += kThreads) {
-    if (o >= p.codes_stride) continue;
-    p.codes[row * p.codes_stride + o] = o < p.k ? to_code(l.rotated[row * p.k + o], s, qmax) : 0;
-  }
-}
-
-// Every quantizing call with blocks that fit a chunk takes the split path: it reads each rotation
-// block once per 16 tokens, where the fused kernel re-reads all of R_in for every few tokens.
-bool use_split(int64_t k, int64_t codes_stride, int block, int abits) {
-  return block <= kThreads && codes_stride == k;
-}
-
-template <int ROWS, int BS>
-cudaError_t launch_fused(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(ROWS) * kpad * sizeof(float);
-  auto kernel = act_quant_kernel<ROWS, BS>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
-  const unsigned grid = static_cast<unsigned>((p.m + ROWS - 1) / ROWS);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <int ROWS>
-cudaError_t launch_rows(const ActQuantParams& p, int64_t kpad, cudaStream_t stream) {
-  return p.transform.block == 16 ? launch_fused<ROWS, 16>(p, kpad, stream) : launch_fused<ROWS, 0>(p, kpad, stream);
+  const int64_t end = static_cast<int64_t>(blockIdx.y + 1) * kThreads * 4 < p.k
+                          ? static_cast<int64_t>(blockIdx.y + 1) * kThreads * 4 : p.k;
+  for (int64_t o = static_cast<int64_t>(blockIdx.y) * kThreads * 4 + threadIdx.x; o < end; o += kThreads)
+    p.codes[row * p.k + o] = to_code(l.rotated[row * p.k + o], s, qmax);
 }
 
 }  // namespace
 
-size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms) {
-  if (static_scale || abits == 0 || !use_split(k, k, block, abits)) return 0;
+bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
+
+size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale) {
+  if (static_scale || abits == 0 || !act_quant_supported(block)) return 0;
   const SplitLayout l = split_layout(nullptr, m, k, block);
   return static_cast<size_t>(((m * k + 63) / 64) * 64 + m * l.nchunks) * sizeof(float);
 }
@@ -304,27 +198,16 @@ size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, boo
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
-  const bool is_static = p.static_scale != nullptr;
-  if (use_split(p.k, p.codes_stride, block, p.abits) && (is_static || p.abits == 0 || p.workspace)) {
-    const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
-    const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
-    if (block == 16) launch_rotate_chunk<16>(p, grid1, stream);
-    else launch_rotate_chunk<0>(p, grid1, stream);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || is_static || p.abits == 0) return e;
-    const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kThreads * 4 - 1) / (kThreads * 4)));
-    return launch_kernel(quantize_chunk_kernel, grid2, dim3(kThreads), 0, stream, p.chain, p);
-  }
-  const int64_t kpad = (p.k + block - 1) / block * block;
-  // More rows per CTA share the rotation reads; fewer keep every SM busy at small M.
-  const int64_t budget = 96 * 1024;
-  const int64_t fit = std::max<int64_t>(1, budget / (kpad * static_cast<int64_t>(sizeof(float))));
-  const int64_t want = std::max<int64_t>(1, p.m / (2 * static_cast<int64_t>(p.num_sms)));
-  const int64_t rows = std::min<int64_t>(fit, want);
-  if (rows >= 8) return launch_rows<8>(p, kpad, stream);
-  if (rows >= 4) return launch_rows<4>(p, kpad, stream);
-  if (rows >= 2) return launch_rows<2>(p, kpad, stream);
-  return launch_rows<1>(p, kpad, stream);
+  const bool one_pass = p.static_scale != nullptr || p.abits == 0;
+  if (!act_quant_supported(block) || (!one_pass && p.workspace == nullptr)) return cudaErrorInvalidValue;
+  const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
+  const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
+  if (block == 16) launch_rotate_chunk<16>(p, grid1, stream);
+  else launch_rotate_chunk<0>(p, grid1, stream);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || one_pass) return e;
+  const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kThreads * 4 - 1) / (kThreads * 4)));
+  return launch_kernel(quantize_chunk_kernel, grid2, dim3(kThreads), 0, stream, p.chain, p);
 }
 
 }  // namespace kernels

@@ -78,42 +78,62 @@ __device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, Loa
   __syncthreads();
 }
 
-// Epilogue operands get their own shared-memory region, fetched asynchronously with the first
-// stage, so the epilogue touches no global memory but its output (dependent global loads there
-// cost more than the whole main loop). st_s[BM] token scales (1 when there are none), sn_s[BN]
-// weight scales, bias_s[BN], r_s: the tile's R_out blocks, one contiguous run since BN % Bo == 0.
+// Shared memory of the epilogue. The y'' tile [BM][kStride] floats reuses the pipeline's buffers;
+// the operands get their own region after them, fetched asynchronously with the first stage, so
+// the epilogue touches no global memory but its output (dependent global loads there cost more
+// than the whole main loop): st[BM] token scales (1 when there are none), sn[BN] weight scales,
+// bias[BN], r: the tile's R_out blocks, one contiguous run since BN % Bo == 0.
+template <int BM, int BN>
+struct Epilogue {
+  static constexpr int kStride = BN + 4;
+  static constexpr int kTileBytes = BM * kStride * 4;
+  static constexpr int kMaxBo = 32;
+  static constexpr int kOperandBytes = (BM + 2 * BN + BN * kMaxBo) * 4;
+  // Where the operand region starts, and the kernel's whole dynamic shared memory.
+  static constexpr int body_bytes(int pipe_bytes) { return pipe_bytes > kTileBytes ? pipe_bytes : kTileBytes; }
+  static constexpr int smem_bytes(int pipe_bytes) { return body_bytes(pipe_bytes) + kOperandBytes; }
+
+  float* st;
+  float* sn;
+  float* bias;
+  float* r;
+  __device__ explicit Epilogue(unsigned char* operands)
+      : st(reinterpret_cast<float*>(operands)), sn(st + BM), bias(sn + BN), r(bias + BN) {}
+};
+
 template <int BM, int BN, int THREADS>
-__device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, int64_t m0, int64_t n0, float* st_s,
-                                                       float* sn_s, float* bias_s, float* r_s) {
+__device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, int64_t m0, int64_t n0,
+                                                       const Epilogue<BM, BN>& ep) {
   const int tid = threadIdx.x;
   const int bo = p.r_out ? p.block_out : 1;
   for (int i = tid; i < BM; i += THREADS) {
     const int64_t gm = m0 + i;
     const bool ok = gm < p.m;
-    if (p.a_scale) cp_async4(st_s + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
-    else st_s[i] = 1.f;
+    if (p.a_scale) cp_async4(ep.st + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
+    else ep.st[i] = 1.f;
   }
   for (int i = tid; i < BN; i += THREADS) {
     const int64_t gn = n0 + i;
     const bool ok = gn < p.n;
-    cp_async4(sn_s + i, p.w_scale + (ok ? gn : 0), ok);
-    cp_async4(bias_s + i, p.bias ? p.bias + (ok ? gn : 0) : p.w_scale, ok && p.bias);
+    cp_async4(ep.sn + i, p.w_scale + (ok ? gn : 0), ok);
+    cp_async4(ep.bias + i, p.bias ? p.bias + (ok ? gn : 0) : p.w_scale, ok && p.bias);
   }
   if (p.r_out) {
     const int64_t first = n0 * bo, total = (p.n + bo - 1) / bo * bo * bo;
     for (int i = tid; i < BN * bo / 4; i += THREADS) {
       const int64_t src = first + 4 * static_cast<int64_t>(i);
       const bool ok = src < total;
-      cp_async16(r_s + 4 * i, p.r_out + (ok ? src : 0), ok);
+      cp_async16(ep.r + 4 * i, p.r_out + (ok ? src : 0), ok);
     }
   }
 }
 
-// tile_f[BM][EPI_STRIDE] holds y'' (padding rows/columns exact zeros); writes
+// tile_f[BM][kStride] holds y'' (padding rows/columns exact zeros); writes
 // y = restore(y'') + bias in the output dtype.
-template <int BM, int BN, int EPI_STRIDE, int THREADS>
+template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64_t m0, int64_t n0,
-                                                   const float* tile_f, const float* bias_s, const float* r_s) {
+                                                   const float* tile_f, const Epilogue<BM, BN>& ep) {
+  constexpr int EPI_STRIDE = Epilogue<BM, BN>::kStride;
   const int bo = p.r_out ? p.block_out : 1;
   for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
     const int r = e / BN, c = e % BN;
@@ -123,16 +143,34 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
     if (p.r_out) {
       // y[:, blk] = y''[:, blk] * R_out[blk]; Bo a power of 2.
       const int cb = c & (bo - 1), c0 = c - cb;
-      const float* rcol = r_s + c0 * bo + cb;
+      const float* rcol = ep.r + c0 * bo + cb;
       const float* yrow = tile_f + r * EPI_STRIDE + c0;
       v = 0.f;
       for (int q = 0; q < bo; ++q) v = fmaf(yrow[q], rcol[q * bo], v);
     } else {
       v = tile_f[r * EPI_STRIDE + c];
     }
-    if (p.bias) v += bias_s[c];
+    if (p.bias) v += ep.bias[c];
     store_out(p.y, p.out_dtype, gm * p.n + gn, v);
   }
+}
+
+// Launches a GEMM kernel with `smem` bytes of dynamic shared memory on a grid of BM x BN tiles.
+// Raising the shared-memory limit is a host call: once per kernel and device, off the hot path.
+template <auto Kernel, int BM, int BN>
+cudaError_t launch_gemm(int smem, int threads, const IntGemmParams& p, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    static bool raised[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || !raised[dev]) {
+      cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return e;
+      if (dev < 64) raised[dev] = true;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
+  return launch_kernel(Kernel, grid, dim3(threads), smem, stream, p.chain, p);
 }
 
 }  // namespace gemm

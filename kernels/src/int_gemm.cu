@@ -55,15 +55,9 @@ struct Tile {
   static constexpr int A_BYTES = BM * A_STRIDE;
   static constexpr int STAGE_BYTES = A_BYTES + BN * B_STRIDE;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr int EPI_STRIDE = BN + 4;  // floats
-  static constexpr int EPI_BYTES = BM * EPI_STRIDE * 4;
-  // Epilogue operands (token scales, weight scales, bias, the tile's R_out blocks) get their own
-  // region, fetched asynchronously with the first stage: the epilogue then touches no global memory
-  // but its output (a chain of dependent global loads there cost more than the whole main loop).
-  static constexpr int MAX_BO = 32;
-  static constexpr int PARAM_FLOATS = BM + 2 * BN + BN * MAX_BO;
-  static constexpr int BODY_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
-  static constexpr int SMEM_BYTES = BODY_BYTES + PARAM_FLOATS * 4;
+  using Epi = Epilogue<BM, BN>;
+  static constexpr int BODY_BYTES = Epi::body_bytes(PIPE_BYTES);  // the epilogue operands start here
+  static constexpr int SMEM_BYTES = Epi::smem_bytes(PIPE_BYTES);
   static_assert(MT >= 1 && NT >= 1 && BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile shape");
 };
 
@@ -107,10 +101,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
     }
   };
 
-  float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);  // [BM] token scales
-  float* sn_s = st_s + BM;                                         // [BN] weight scales
-  float* bias_s = sn_s + BN;                                       // [BN]
-  float* r_s = bias_s + BN;                                        // [BN / Bo][Bo][Bo]
+  const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
 
   int acc[T::MT][T::NT][4];
 #pragma unroll
@@ -122,7 +113,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
 
   run_pipeline<STAGES>(
       num_stages, load_a, load_b,
-      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s); },
+      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, ep); },
       [&](int slot) {
         const unsigned char* sa = smem + slot * T::STAGE_BYTES;
         const unsigned char* sb = sa + T::A_BYTES;
@@ -171,7 +162,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   int* tile_i = reinterpret_cast<int*>(smem);
   float* tile_f = reinterpret_cast<float*>(smem);
   if (WK > 1) {
-    for (int e = tid; e < BM * T::EPI_STRIDE; e += T::kThreads) tile_i[e] = 0;
+    for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_i[e] = 0;
     __syncthreads();
   }
 #pragma unroll
@@ -182,7 +173,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       const int c = wn * (BN / WN) + j * 8 + 2 * t;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        int* dst = &tile_i[(r + (e >= 2 ? 8 : 0)) * T::EPI_STRIDE + c + (e & 1)];
+        int* dst = &tile_i[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)];
         if (WK > 1) atomicAdd(dst, acc[i][j][e]);
         else *dst = acc[i][j][e];
       }
@@ -193,32 +184,19 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
     const int64_t gm = m0 + r, gn = n0 + c;
     float v = 0.f;  // padding rows/columns must be exact zeros: the restore sums over them
     if (gm < p.m && gn < p.n) {
-      const int raw = tile_i[r * T::EPI_STRIDE + c];
-      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * st_s[r] * sn_s[c];
+      const int raw = tile_i[r * T::Epi::kStride + c];
+      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * ep.st[r] * ep.sn[c];
     }
-    tile_f[r * T::EPI_STRIDE + c] = v;
+    tile_f[r * T::Epi::kStride + c] = v;
   }
   __syncthreads();
-  restore_bias_store<BM, BN, T::EPI_STRIDE, T::kThreads>(p, m0, n0, tile_f, bias_s, r_s);
+  restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
 }
 
 template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
 cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
-  auto kernel = int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>;
-  if (T::SMEM_BYTES > 48 * 1024) {
-    // Per device and instantiation, once: raising the limit is a host call, keep it off the hot path.
-    static bool raised[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !raised[dev]) {
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) raised[dev] = true;
-    }
-  }
-  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-  return launch_kernel(kernel, grid, dim3(T::kThreads), T::SMEM_BYTES, stream, p.chain, p);
+  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream);
 }
 
 template <int WBITS>

@@ -64,12 +64,9 @@ struct WoTile {
   static constexpr int A_BYTES = BM * A_STRIDE;
   static constexpr int STAGE_BYTES = A_BYTES + BN * B_STRIDE;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr int EPI_STRIDE = BN + 4;
-  static constexpr int EPI_BYTES = BM * EPI_STRIDE * 4;
-  static constexpr int MAX_BO = 32;
-  static constexpr int PARAM_FLOATS = BM + 2 * BN + BN * MAX_BO;
-  static constexpr int BODY_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
-  static constexpr int SMEM_BYTES = BODY_BYTES + PARAM_FLOATS * 4;
+  using Epi = Epilogue<BM, BN>;
+  static constexpr int BODY_BYTES = Epi::body_bytes(PIPE_BYTES);  // the epilogue operands start here
+  static constexpr int SMEM_BYTES = Epi::smem_bytes(PIPE_BYTES);
   static_assert(MT >= 1 && NT >= 1 && BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile shape");
 };
 
@@ -111,10 +108,7 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
     }
   };
 
-  float* st_s = reinterpret_cast<float*>(smem + T::BODY_BYTES);
-  float* sn_s = st_s + BM;
-  float* bias_s = sn_s + BN;
-  float* r_s = bias_s + BN;
+  const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
 
   float acc[T::MT][T::NT][4];
 #pragma unroll
@@ -126,7 +120,7 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 
   run_pipeline<STAGES>(
       num_stages, load_a, load_b,
-      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, st_s, sn_s, bias_s, r_s); },
+      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, ep); },
       [&](int slot) {
         const unsigned char* sa = smem + slot * T::STAGE_BYTES;
         const unsigned char* sb = sa + T::A_BYTES;
@@ -162,7 +156,7 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 
   // ---- epilogue: k-split partials summed in a fixed order (deterministic), scale, restore ----
   float* tile_f = reinterpret_cast<float*>(smem);
-  for (int e = tid; e < BM * T::EPI_STRIDE; e += T::kThreads) tile_f[e] = 0.f;
+  for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_f[e] = 0.f;
   __syncthreads();
 #pragma unroll 1
   for (int turn = 0; turn < WK; ++turn) {
@@ -174,7 +168,7 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
           const int r = wm * (BM / WM) + i * 16 + g;
           const int c = wn * (BN / WN) + j * 8 + 2 * t;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) tile_f[(r + (e >= 2 ? 8 : 0)) * T::EPI_STRIDE + c + (e & 1)] += acc[i][j][e];
+          for (int e = 0; e < 4; ++e) tile_f[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)] += acc[i][j][e];
         }
     }
     __syncthreads();
@@ -182,24 +176,20 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
   for (int e = tid; e < BM * BN; e += T::kThreads) {
     const int r = e / BN, c = e % BN;
     const bool ok = m0 + r < p.m && n0 + c < p.n;
-    float& v = tile_f[r * T::EPI_STRIDE + c];
-    v = ok ? v * sn_s[c] : 0.f;
+    float& v = tile_f[r * T::Epi::kStride + c];
+    v = ok ? v * ep.sn[c] : 0.f;
   }
   __syncthreads();
-  restore_bias_store<BM, BN, T::EPI_STRIDE, T::kThreads>(p, m0, n0, tile_f, bias_s, r_s);
+  restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
 }
 
 template <int BM, int BN, int WM, int WN, int WK, int STAGES>
 cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   using T = WoTile<BM, BN, WM, WN, WK, STAGES>;
-  const bool bf16 = p.a16_dtype == DType::kBFloat16;
-  auto kernel = bf16 ? wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, true> : wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, false>;
-  if (T::SMEM_BYTES > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-  return launch_kernel(kernel, grid, dim3(T::kThreads), T::SMEM_BYTES, stream, p.chain, p);
+  return p.a16_dtype == DType::kBFloat16
+             ? launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, true>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream)
+             : launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, false>, BM, BN>(T::SMEM_BYTES, T::kThreads, p,
+                                                                                        stream);
 }
 
 }  // namespace

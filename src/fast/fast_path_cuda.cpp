@@ -57,16 +57,13 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   p.static_scale = f32_or_null(static_scale);
   if (abits > 0) {
     p.codes = codes.data_ptr<int8_t>();
-    p.codes_stride = codes.size(1);
     p.scales = scales.data_ptr<float>();
   } else {
     p.x_out = x_out.data_ptr();
-    p.codes_stride = x_out.size(1);
   }
-  p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
   p.chain = chain_kernels(x2d.device());
-  const size_t ws = kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits,
-                                                       p.static_scale != nullptr, p.num_sms);
+  const size_t ws =
+      kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits, p.static_scale != nullptr);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
   if (ws > 0) {
     workspace = torch::empty({static_cast<int64_t>(ws)}, x2d.options().dtype(torch::kUInt8));
@@ -83,12 +80,11 @@ torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
 }  // namespace
 
 std::string device_blocker(const LayerPack& layer, const torch::Device& device) {
-  const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
-  const int64_t kpad = (layer.in_features + block - 1) / block * block;
   const auto* prop = at::cuda::getDeviceProperties(device.index() < 0 ? at::cuda::current_device() : device.index());
   if (prop->major < 8) return "needs compute capability 8.0+ (int8 mma.sync)";
-  if (static_cast<size_t>(kpad) * sizeof(float) > prop->sharedMemPerBlockOptin)
-    return "in_features=" + std::to_string(layer.in_features) + " exceeds one CTA's shared memory";
+  const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
+  if (!kernels::act_quant_supported(static_cast<int>(block)))
+    return "block_size=" + std::to_string(block) + " (the input kernels take up to 256)";
   return "";
 }
 

@@ -11,7 +11,7 @@
 namespace duquant {
 namespace cuda_fast {
 
-// Size limits that need the device (shared memory of the input kernel); "" when the layer fits.
+// Limits of the device and the kernels (compute capability, block size); "" when the layer fits.
 std::string device_blocker(const LayerPack& layer, const torch::Device& device);
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer);
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,

@@ -117,12 +117,22 @@ TEST(PackLinears, PacksAreIndependentTensors) {
   EXPECT_EQ(q.storage().nbytes(), static_cast<size_t>(q.numel() * q.element_size()));
 }
 
-TEST(PackLinears, DeviceOptionMovesThePacks) {
-  auto layers = mixed_layers();
-  duquant::PackModelOptions cpu;
-  cpu.device = torch::Device(torch::kCPU);
-  auto packed = duquant::pack_linears(layers, {}, cpu);
-  for (const auto& p : packed) EXPECT_TRUE(p.pack.qweight.device().is_cpu());
+TEST(PackLinears, DeviceOptionPacksThereFromHostWeights) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the device option is checked on the GPU machine";
+  const auto layers = mixed_layers();  // weights in host memory
+  duquant::PackModelOptions on_gpu;
+  on_gpu.device = torch::Device(torch::kCUDA);
+  const auto packed = duquant::pack_linears(layers, {}, on_gpu);
+  const auto reference = duquant::pack_linears(layers);
+  ASSERT_EQ(packed.size(), reference.size());
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const auto& gpu = packed[i].pack;
+    const auto& cpu = reference[i].pack;
+    EXPECT_TRUE(gpu.qweight.is_cuda()) << packed[i].name;
+    if (cpu.perm.defined()) EXPECT_TRUE(torch::equal(gpu.perm.cpu(), cpu.perm)) << packed[i].name;
+    if (cpu.w_scale.defined())
+      EXPECT_TRUE(torch::allclose(gpu.w_scale.cpu(), cpu.w_scale, 1e-5, 0)) << packed[i].name;
+  }
 }
 
 TEST(PackLinears, OnPackedSeesEachWeightAsPackedAndItsPack) {

@@ -30,27 +30,28 @@ struct ActQuantParams {
   InputTransform transform;
   int abits = 8;                    // codes in [-2^(a-1), 2^(a-1)-1]
   const float* static_scale = nullptr;  // [1] act=static; nullptr = dynamic per-token scales
-  int8_t* codes = nullptr;          // [M, codes_stride] out; columns k..codes_stride-1 are written as 0
-  int64_t codes_stride = 0;
+  int8_t* codes = nullptr;          // [M, K] out
   float* scales = nullptr;          // [M] out: the scale each token was quantized with
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
-  void* x_out = nullptr;            // [M, codes_stride] (x_dtype), used when abits == 0
-  int num_sms = 132;
-  bool chain = false;  // Hopper: let the kernels after the first start early (kernels/src/launch.cuh)
-  // Scratch of act_quant_workspace_bytes(): with few tokens the row is split over many CTAs,
-  // which stage the rotated values and per-chunk maxima here before a second pass quantizes.
+  void* x_out = nullptr;            // [M, K] (x_dtype), used when abits == 0
+  bool chain = false;  // Hopper: let the second kernel start early (kernels/src/launch.cuh)
+  // Scratch of act_quant_workspace_bytes() for dynamic scales: the rotated values and per-chunk
+  // maxima, between the two passes.
   void* workspace = nullptr;
 };
 
-// Bytes of scratch act_quant needs for these sizes (0: the single fused kernel runs).
-size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale, int num_sms);
+// True for block sizes the input kernels take (B <= 256: a chunk holds whole blocks).
+bool act_quant_supported(int block);
+
+// Bytes of scratch act_quant needs for these sizes (0 when it needs none).
+size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale);
 
 // Launches the input kernel(s); returns the launch status.
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream);
 
 // ---- integer GEMM with the DuQuant epilogue ----
 // y[m, n] = restore( s_t[m] * s_n[n] * sum_k a[m, k] * w[n, k] ) + bias[n], cast to out_dtype.
-// a: int8 codes [M, a_stride] (K padded with zero codes to a multiple of 32).
+// a: int8 codes [M, a_stride].
 // w: wbits <= 4: uint8 [N, K/2], two's-complement nibbles, column 2j in the low nibble (the pack's
 //    own layout, DESIGN §4); wbits 5..8: int8 [N, K]. K must be a multiple of 32 (16-byte rows).
 struct IntGemmParams {
