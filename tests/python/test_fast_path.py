@@ -203,7 +203,8 @@ def test_reference_fallbacks_say_why():
     assert torch.isfinite(y).all()
     sc = dq.DuQuantLinear.from_linear(outlier_linear(64, 256, False, 5), dq.Config(act="static_channel")).cuda()
     assert "static_channel" in sc.execution_path
-    wide = dq.DuQuantLinear.from_linear(outlier_linear(64, 1024, False, 7), dq.Config(block_size=512, block_out=16)).cuda()
+    wide_config = dq.Config(block_size=512, block_out=16)
+    wide = dq.DuQuantLinear.from_linear(outlier_linear(64, 1024, False, 7), wide_config).cuda()
     assert wide.execution_path.startswith("reference (block_size=512"), wide.execution_path
     x = outlier_input(3, 1024, torch.bfloat16, 8)
     ref = wide.cpu()(x.float())
