@@ -109,12 +109,6 @@ class CMakeBuild(build_ext):
                 if not name.endswith(".py"):  # build_py copies the sources
                     src = os.path.join(dirpath, name)
                     ship(src, os.path.relpath(src, staged_pkg))
-        # Executables installed to a literal "bin" rather than CMAKE_INSTALL_BINDIR land at
-        # the stage's top; their rpath was still computed for the package's bin/.
-        plain_bin = os.path.join(stage, "bin")
-        if os.path.isdir(plain_bin):
-            for name in os.listdir(plain_bin):
-                ship(os.path.join(plain_bin, name), os.path.join("bin", name))
         if not any(c.startswith("_C") for c in copied) or "libduquant.so" not in copied:
             sys.exit("duquant: the CMake install did not produce _C and libduquant.so in %s (got: %s)"
                      % (staged_pkg, ", ".join(sorted(copied)) or "nothing"))
