@@ -171,17 +171,6 @@ def linear_weight_bytes(model: nn.Module, dtype_bytes: int) -> int:
     return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def execution_path(module, x) -> str:
-    """module.execution_path, whether it is a property, a method, or a method taking the input."""
-    ep = getattr(module, "execution_path", "-")
-    if callable(ep):
-        try:
-            ep = ep(x)
-        except TypeError:
-            ep = ep()
-    return str(ep)
-
-
 def time_policy(model, x0, repeats, cuda):
     """Median ms per policy call. CUDA: one graph over the whole loop; returns (ms, spread, how)."""
     if not cuda:
@@ -281,7 +270,7 @@ def main():
         y_ref = ref(x0)
         y_bf16 = bf16(x0_bf16)
         y_dq = quant(x0_bf16)
-        paths = sorted({execution_path(m, x0_bf16[0]) for m in quant.modules() if isinstance(m, dq.DuQuantLinear)})
+        paths = sorted({m.execution_path for m in quant.modules() if isinstance(m, dq.DuQuantLinear)})
         moved = (y_bf16.float() - x0).norm()
 
         t_bf16, s_bf16, how_bf16 = time_policy(bf16, x0_bf16, args.repeats, cuda)

@@ -256,19 +256,6 @@ def build_contenders(w, bias, fp8_fast_accum):
     return out
 
 
-def execution_path(module, x) -> str:
-    """module.execution_path, whether it is a property, a method, or a method taking the input."""
-    ep = getattr(module, "execution_path", None)
-    if ep is None:
-        return "-"
-    if callable(ep):
-        try:
-            ep = ep(x)
-        except TypeError:
-            ep = ep()
-    return str(ep)
-
-
 # ---- timing -----------------------------------------------------------------------------------------
 def time_graph(copies, x, repeats, target_ms):
     """Median per-call µs of `for m in copies: m(x)`, captured once in a CUDA graph.
@@ -456,7 +443,7 @@ def main():
                     try:
                         y = replicas[name][0](x)  # one eager call first: a failure here is a clean n/a
                         if name in OURS:
-                            row["path"][name] = execution_path(replicas[name][0], x)
+                            row["path"][name] = replicas[name][0].execution_path
                             r = min(mi, REF_ROWS)
                             ref = cpu_ref[name](x[:r].float().cpu())
                             row["ref_err"][name] = rel_err(y[:r], ref)

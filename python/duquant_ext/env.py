@@ -66,8 +66,8 @@ from torch import nn
 
 from . import _C
 from .nn import DuQuantLinear
-from .pack import load_pack, write_layers
-from .quantize import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, _set_submodule
+from .pack import _most_common_config, load_pack
+from .quantize import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, _set_submodule, select_linear_layers
 
 PREFIXES = ("DUQUANT_", "OPENPI_DUQUANT_")  # first wins
 _TRUE = ("1", "true", "yes", "on")
@@ -327,8 +327,8 @@ class EnvReport:
 
 
 def _select(model: nn.Module, s: EnvSettings) -> List[Tuple[str, nn.Linear]]:
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith(s.scope)}
     if s.layers is not None:
+        linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith(s.scope)}
         for name in s.layers:
             if name not in linears:
                 where = f" under scope {s.scope!r}" if s.scope else ""
@@ -336,18 +336,13 @@ def _select(model: nn.Module, s: EnvSettings) -> List[Tuple[str, nn.Linear]]:
                                f"model{where}")
         # Named explicitly: the action-head rule does not apply.
         return [(n, linears[n]) for n in s.layers]
-    inc = re.compile(s.include) if s.include is not None else None
-    exc = re.compile(s.exclude) if s.exclude is not None else None
-    chosen = []
-    for name, module in linears.items():
-        if inc is not None and not inc.search(name):
-            continue
-        if exc is not None and exc.search(name):
-            continue
-        if not s.include_action_head and name.rpartition(".")[2] == "action_out_proj":
-            continue
-        chosen.append((name, module))
-    return chosen
+
+    def scope_and_action_head(name: str, module: nn.Module) -> bool:
+        if not name.startswith(s.scope):
+            return False
+        return s.include_action_head or name.rpartition(".")[2] != "action_out_proj"
+
+    return select_linear_layers(model, s.include, s.exclude, filter_fn=scope_and_action_head)
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -416,21 +411,27 @@ def enable_from_env(model: nn.Module, environ: Optional[Mapping[str, str]] = Non
         pack_path = os.path.join(s.packdir, f"{PACK_FILE_PREFIX}{digest[:20]}.safetensors")
         if os.path.exists(pack_path):
             try:
-                if _C.safetensors_metadata(pack_path).get(_DIGEST_KEY) != digest:
+                pack_file = _C.PackFile.open(pack_path)
+                if pack_file.metadata.get(_DIGEST_KEY) != digest:
                     raise ValueError("it was not made from these weights and settings")
-                load_pack(model, pack_path, config={n: c for n, _, c in targets}, strict=True)
+                load_pack(model, pack_file, config={n: c for n, _, c in targets}, strict=True)
                 return _finish(EnvReport("loaded", s, layers, pack_path), verbose)
             except ValueError as e:
                 warnings.warn(f"duquant (env): cannot use {pack_path} ({e}); packing again and overwriting it",
                               stacklevel=2)
 
-    packed = [(n, DuQuantLinear.from_linear(m, c, name=n)) for n, m, c in targets]
+    # One grouped call, as in quantize_: layers of equal shape and config are packed together.
+    with torch.no_grad():
+        packs = _C.pack_linears([(n, m.weight.detach(), None if m.bias is None else m.bias.detach(), c)
+                                 for n, m, c in targets])
+    replacements = [(name, DuQuantLinear.from_pack(pack)) for name, pack in packs]
     saved = False
     if pack_path is not None:
         os.makedirs(s.packdir, exist_ok=True)
-        write_layers(pack_path, packed, {_DIGEST_KEY: digest})
+        _C.write_pack(pack_path, packs, _most_common_config([p.config for _, p in packs]), None,
+                      {_DIGEST_KEY: digest})
         saved = True
-    for name, module in packed:
+    for name, module in replacements:
         _set_submodule(model, name, module)
     return _finish(EnvReport("packed", s, layers, pack_path, saved), verbose)
 

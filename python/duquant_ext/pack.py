@@ -126,11 +126,12 @@ def _requested_config(config: ConfigRequest, name: str) -> Optional[_C.Config]:
     return config.get(name)  # a mapping: layers it does not name accept the pack's config
 
 
-def load_pack(model: nn.Module, path: PathLike, config: ConfigRequest = None, strict: bool = True,
-              device: Union[None, str, torch.device] = None) -> LoadReport:
-    """Fills `model` from a pack file: each pack layer's nn.Linear (by qualified name) is swapped for
-    a DuQuantLinear built from the pack, and an existing DuQuantLinear is refilled in place. Nothing
-    is recomputed; tensors land on the layer's current device (or `device`).
+def load_pack(model: nn.Module, path: Union[PathLike, _C.PackFile], config: ConfigRequest = None,
+              strict: bool = True, device: Union[None, str, torch.device] = None) -> LoadReport:
+    """Fills `model` from a pack file (`path`, or a `PackFile` already open): each pack layer's
+    nn.Linear (by qualified name) is swapped for a DuQuantLinear built from the pack, and an existing
+    DuQuantLinear is refilled in place. Nothing is recomputed; tensors land on the layer's current
+    device (or `device`).
 
     Every layer is checked before any is changed, so a failure leaves the model untouched: the pack
     must match each layer's in/out features and bias, and `config` if given (a Config for every
@@ -139,10 +140,12 @@ def load_pack(model: nn.Module, path: PathLike, config: ConfigRequest = None, st
     (default) every pack layer must exist in the model as nn.Linear or DuQuantLinear; strict=False
     skips those that do not and lists them in the report.
     """
-    path = os.fspath(path)
+    pack_file = path if isinstance(path, _C.PackFile) else None
+    path = pack_file.path if pack_file is not None else os.fspath(path)
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pack: model must be an nn.Module, got {type(model).__name__}")
-    pack_file = _C.PackFile.open(path)
+    if pack_file is None:
+        pack_file = _C.PackFile.open(path)
     modules = dict(model.named_modules())
     report = LoadReport(path=path)
 

@@ -30,16 +30,13 @@ def test_quantize_equals_per_layer_pack_linear(cfg):
     report = dq.quantize_(model, cfg)
     assert len(report) == 21
     x = torch.randn(5, 48)
-    for name in report.names:
-        linear = reference.get_submodule(name)
-        alone = dq.DuQuantLinear.from_linear(linear, cfg, name=name)
-        assert_same_buffers(model.get_submodule(name), alone, name)
-    # And so the model computes what the per-layer path computes.
     per_layer = copy.deepcopy(reference)
     for name in report.names:
+        alone = dq.DuQuantLinear.from_linear(reference.get_submodule(name), cfg, name=name)
+        assert_same_buffers(model.get_submodule(name), alone, name)
         parent, _, child = name.rpartition(".")
-        setattr(per_layer.get_submodule(parent), child,
-                dq.DuQuantLinear.from_linear(reference.get_submodule(name), cfg, name=name))
+        setattr(per_layer.get_submodule(parent), child, alone)
+    # And so the model computes what the per-layer path computes.
     assert torch.equal(model(x), per_layer(x))
 
 

@@ -1,6 +1,7 @@
 """duquant-pack / duquant-inspect end to end on a generated sharded checkpoint.
 
-The binaries are found through DUQUANT_BIN_DIR (ctest sets it to <build>/tools).
+The binaries are found through DUQUANT_BIN_DIR (ctest sets it to <build>/tools), else in the
+package's bin/ (where the pip-installed package ships them).
 """
 import copy
 import hashlib
@@ -17,13 +18,14 @@ import torch
 import duquant_ext as dq
 from models import TinyLM, add_weight_outliers
 
-BIN_DIR = os.environ.get("DUQUANT_BIN_DIR", "")
+BIN_DIR = os.environ.get("DUQUANT_BIN_DIR") or os.path.join(os.path.dirname(dq.__file__), "bin")
 PACK = os.path.join(BIN_DIR, "duquant-pack")
 INSPECT = os.path.join(BIN_DIR, "duquant-inspect")
 pytestmark = pytest.mark.skipif(
     not (os.access(PACK, os.X_OK) and os.access(INSPECT, os.X_OK)),
-    reason="duquant-pack/duquant-inspect not found: set DUQUANT_BIN_DIR=<build>/tools (ctest does), "
-           "or build with -DDUQUANT_BUILD_TOOLS=ON")
+    reason=f"duquant-pack/duquant-inspect not found in {BIN_DIR}: set DUQUANT_BIN_DIR=<build>/tools "
+           f"(ctest does), install the package (it ships them in duquant_ext/bin), or build with "
+           f"-DDUQUANT_BUILD_TOOLS=ON")
 
 # ---- a safetensors writer and reader of our own, independent of the library ----------------------
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
@@ -164,7 +166,7 @@ def test_inspect_text_and_json(checkpoint, tmp_path):
     r = run(INSPECT, out)
     assert r.returncode == 0, r.stderr
     assert "format version 1" in r.stdout
-    assert "config: W4A16" in r.stdout or "config: W4" in r.stdout
+    assert "\nconfig: W4A16, B=16, Bo=16, permute, row_rot=restore\n" in r.stdout
     for name in SELECTED:
         assert re.search(rf"^{re.escape(name)}\s", r.stdout, re.M), name
     assert re.search(r"^layers\.0\.mlp\.up_proj\s+80 x 48\s+4\s+float\s", r.stdout, re.M)

@@ -61,9 +61,12 @@ def test_round_trip_gives_bit_identical_outputs(tmp_path, name):
     assert all(layer.action == "swapped" for layer in report.layers)
     assert "loaded 14 layer(s)" in str(report)
     assert torch.equal(fresh(x), expected)
-    for (n, a), (_, b) in zip(model.named_buffers(), fresh.named_buffers()):
-        assert torch.equal(a, b), n
+    want_buffers, got_buffers = dict(model.named_buffers()), dict(fresh.named_buffers())
+    assert list(got_buffers) == list(want_buffers)
+    for n, a in want_buffers.items():
+        b = got_buffers[n]
         assert a.dtype == b.dtype, n
+        assert torch.equal(a, b), n
     q = fresh.layers[0].self_attn.q_proj
     assert q.config == config and list(q.parameters()) == []
     if config.needs_calibration:

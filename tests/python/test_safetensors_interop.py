@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
+safetensors_torch = pytest.importorskip(
+    "safetensors.torch", reason="safetensors not installed: runs on the GPU machine, which has it")
 from safetensors import safe_open  # noqa: E402
 
 import duquant_ext as dq  # noqa: E402
