@@ -128,6 +128,40 @@ __device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, i
   }
 }
 
+// Restore of RPT rows x 4 columns (one Bo block, Bo >= 4) at tile position (r0, c0), into out:
+// out[i][j] = sum_q y''[r0 + i][cb + q] * R[q][c0 - cb + j], q ascending from 0 (the scalar order),
+// cb the block's first column. Operands come as 16-byte shared-memory reads: 8 FMAs per read at
+// RPT = 4, where one output at a time costs two reads per FMA and made the epilogue as slow as
+// the main loop at large M and short K.
+template <int RPT, int STRIDE>
+__device__ __forceinline__ void restore_quad(const float* tile_f, const float* r_blocks, int bo, int r0, int c0,
+                                             float (&out)[RPT][4]) {
+  const int cb = c0 & ~(bo - 1);
+  const float* rq = r_blocks + cb * bo + (c0 - cb);  // row q of the block, columns c0..c0+3
+#pragma unroll
+  for (int i = 0; i < RPT; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
+  for (int q4 = 0; q4 < bo; q4 += 4) {
+    float4 y[RPT], r[4];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) y[i] = *reinterpret_cast<const float4*>(tile_f + (r0 + i) * STRIDE + cb + q4);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) r[s] = *reinterpret_cast<const float4*>(rq + (q4 + s) * bo);
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const float ys[4] = {y[i].x, y[i].y, y[i].z, y[i].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        out[i][0] = fmaf(ys[s], r[s].x, out[i][0]);
+        out[i][1] = fmaf(ys[s], r[s].y, out[i][1]);
+        out[i][2] = fmaf(ys[s], r[s].z, out[i][2]);
+        out[i][3] = fmaf(ys[s], r[s].w, out[i][3]);
+      }
+    }
+  }
+}
+
 // tile_f[BM][kStride] holds y'' (padding rows/columns exact zeros); writes
 // y = restore(y'') + bias in the output dtype.
 template <int BM, int BN, int THREADS>
@@ -135,13 +169,34 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
                                                    const float* tile_f, const Epilogue<BM, BN>& ep) {
   constexpr int EPI_STRIDE = Epilogue<BM, BN>::kStride;
   const int bo = p.r_out ? p.block_out : 1;
+  if (bo >= 4) {
+    // Items of RPT rows x 4 columns; 4 rows each where the tile has enough items for every thread.
+    constexpr int RPT = (BM / 4) * (BN / 4) >= THREADS ? 4 : 1;
+    constexpr int ITEMS = (BM / RPT) * (BN / 4);
+    for (int it = threadIdx.x; it < ITEMS; it += THREADS) {
+      const int r0 = (it / (BN / 4)) * RPT, c0 = (it % (BN / 4)) * 4;
+      float out[RPT][4];
+      restore_quad<RPT, EPI_STRIDE>(tile_f, ep.r, bo, r0, c0, out);
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const int64_t gm = m0 + r0 + i;
+        if (gm >= p.m) break;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t gn = n0 + c0 + j;
+          if (gn < p.n) store_out(p.y, p.out_dtype, gm * p.n + gn, p.bias ? out[i][j] + ep.bias[c0 + j] : out[i][j]);
+        }
+      }
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
     const int r = e / BN, c = e % BN;
     const int64_t gm = m0 + r, gn = n0 + c;
     if (gm >= p.m || gn >= p.n) continue;
     float v;
     if (p.r_out) {
-      // y[:, blk] = y''[:, blk] * R_out[blk]; Bo a power of 2.
+      // y[:, blk] = y''[:, blk] * R_out[blk]; Bo 1 or 2.
       const int cb = c & (bo - 1), c0 = c - cb;
       const float* rcol = ep.r + c0 * bo + cb;
       const float* yrow = tile_f + r * EPI_STRIDE + c0;
