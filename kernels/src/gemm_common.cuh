@@ -45,6 +45,29 @@ __device__ __forceinline__ void store_out(void* y, DType dt, int64_t idx, float 
   }
 }
 
+// Four consecutive outputs (idx a multiple of 4, the row length too) with one store.
+__device__ __forceinline__ void store_out4(void* y, DType dt, int64_t idx, const float (&v)[4]) {
+  switch (dt) {
+    case DType::kFloat16: {
+      const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+      uint2 u;
+      u.x = *reinterpret_cast<const uint32_t*>(&a);
+      u.y = *reinterpret_cast<const uint32_t*>(&b);
+      *reinterpret_cast<uint2*>(static_cast<__half*>(y) + idx) = u;
+      break;
+    }
+    case DType::kBFloat16: {
+      const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+      uint2 u;
+      u.x = *reinterpret_cast<const uint32_t*>(&a);
+      u.y = *reinterpret_cast<const uint32_t*>(&b);
+      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(y) + idx) = u;
+      break;
+    }
+    default: *reinterpret_cast<float4*>(static_cast<float*>(y) + idx) = make_float4(v[0], v[1], v[2], v[3]); break;
+  }
+}
+
 // The cp.async pipeline of both GEMMs. The first stages' weights are requested before the chain
 // wait (they do not depend on the input kernels, which may still be running); then `after_wait`
 // (the epilogue operands, token scales among them) and the activations. Per stage: wait for it,
@@ -130,8 +153,8 @@ __device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, i
 
 // Restore of RPT rows x 4 columns (one Bo block, Bo >= 4) at tile position (r0, c0), into out:
 // out[i][j] = sum_q y''[r0 + i][cb + q] * R[q][c0 - cb + j], q ascending from 0 (the scalar order),
-// cb the block's first column. Operands come as 16-byte shared-memory reads: 8 FMAs per read at
-// RPT = 4, where one output at a time costs two reads per FMA and made the epilogue as slow as
+// cb the block's first column. Operands come as 16-byte shared-memory reads: 5 FMAs per read at
+// RPT = 2, where one output at a time costs two reads per FMA and made the epilogue as slow as
 // the main loop at large M and short K.
 template <int RPT, int STRIDE>
 __device__ __forceinline__ void restore_quad(const float* tile_f, const float* r_blocks, int bo, int r0, int c0,
@@ -170,21 +193,28 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
   constexpr int EPI_STRIDE = Epilogue<BM, BN>::kStride;
   const int bo = p.r_out ? p.block_out : 1;
   if (bo >= 4) {
-    // Items of RPT rows x 4 columns; 4 rows each where the tile has enough items for every thread.
-    constexpr int RPT = (BM / 4) * (BN / 4) >= THREADS ? 4 : 1;
+    // Items of RPT rows x 4 columns; 2 rows each where the tile has enough items for every thread
+    // (4 rows pushed the 64x64 tile past 128 registers, to one CTA per SM).
+    constexpr int RPT = (BM / 2) * (BN / 4) >= THREADS ? 2 : 1;
     constexpr int ITEMS = (BM / RPT) * (BN / 4);
     for (int it = threadIdx.x; it < ITEMS; it += THREADS) {
       const int r0 = (it / (BN / 4)) * RPT, c0 = (it % (BN / 4)) * 4;
       float out[RPT][4];
       restore_quad<RPT, EPI_STRIDE>(tile_f, ep.r, bo, r0, c0, out);
+      const int64_t gn0 = n0 + c0;
+      const bool whole = p.n % 4 == 0 && gn0 + 3 < p.n;  // then 4 outputs in one aligned store
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int64_t gm = m0 + r0 + i;
         if (gm >= p.m) break;
+        if (p.bias) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t gn = n0 + c0 + j;
-          if (gn < p.n) store_out(p.y, p.out_dtype, gm * p.n + gn, p.bias ? out[i][j] + ep.bias[c0 + j] : out[i][j]);
+          for (int j = 0; j < 4; ++j) out[i][j] += ep.bias[c0 + j];
+        }
+        if (whole) {
+          store_out4(p.y, p.out_dtype, gm * p.n + gn0, out[i]);
+        } else {
+          for (int j = 0; j < 4 && gn0 + j < p.n; ++j) store_out(p.y, p.out_dtype, gm * p.n + gn0 + j, out[i][j]);
         }
       }
     }

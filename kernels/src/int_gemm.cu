@@ -159,35 +159,45 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       });
 
   // ---- epilogue: sum k-split partials, scale, restore, bias, cast ----
+  // Padding rows/columns must come out exact zeros (the restore sums over them): their operands
+  // were zero-filled, s_t and s_n included.
   int* tile_i = reinterpret_cast<int*>(smem);
   float* tile_f = reinterpret_cast<float*>(smem);
-  if (WK > 1) {
+  auto scaled = [&](int raw, int r, int c) {
+    return static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * ep.st[r] * ep.sn[c];
+  };
+  if constexpr (WK == 1) {
+    // One partial per output: scaled straight from the registers.
+#pragma unroll
+    for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+      for (int j = 0; j < T::NT; ++j) {
+        const int r = wm * (BM / WM) + i * 16 + g;
+        const int c = wn * (BN / WN) + j * 8 + 2 * t;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int re = r + (e >= 2 ? 8 : 0), ce = c + (e & 1);
+          tile_f[re * T::Epi::kStride + ce] = scaled(acc[i][j][e], re, ce);
+        }
+      }
+  } else {
     for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_i[e] = 0;
     __syncthreads();
-  }
 #pragma unroll
-  for (int i = 0; i < T::MT; ++i)
+    for (int i = 0; i < T::MT; ++i)
 #pragma unroll
-    for (int j = 0; j < T::NT; ++j) {
-      const int r = wm * (BM / WM) + i * 16 + g;
-      const int c = wn * (BN / WN) + j * 8 + 2 * t;
+      for (int j = 0; j < T::NT; ++j) {
+        const int r = wm * (BM / WM) + i * 16 + g;
+        const int c = wn * (BN / WN) + j * 8 + 2 * t;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        int* dst = &tile_i[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)];
-        if (WK > 1) atomicAdd(dst, acc[i][j][e]);
-        else *dst = acc[i][j][e];
+        for (int e = 0; e < 4; ++e)
+          atomicAdd(&tile_i[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)], acc[i][j][e]);
       }
+    __syncthreads();
+    for (int e = tid; e < BM * BN; e += T::kThreads) {
+      const int r = e / BN, c = e % BN;
+      tile_f[r * T::Epi::kStride + c] = scaled(tile_i[r * T::Epi::kStride + c], r, c);
     }
-  __syncthreads();
-  for (int e = tid; e < BM * BN; e += T::kThreads) {
-    const int r = e / BN, c = e % BN;
-    const int64_t gm = m0 + r, gn = n0 + c;
-    float v = 0.f;  // padding rows/columns must be exact zeros: the restore sums over them
-    if (gm < p.m && gn < p.n) {
-      const int raw = tile_i[r * T::Epi::kStride + c];
-      v = static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * ep.st[r] * ep.sn[c];
-    }
-    tile_f[r * T::Epi::kStride + c] = v;
   }
   __syncthreads();
   restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
