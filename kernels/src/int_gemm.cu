@@ -206,6 +206,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
 template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
 cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
+  static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
   return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream);
 }
 
@@ -217,7 +218,10 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
     // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
     // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
-    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, 6, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 6, WBITS>(p, stream);
+    constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 1, WBITS>>();
+    constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 1, WBITS>>();
+    if (p.k >= 8192)
+      return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
   }
   // Otherwise the largest tile that still gives every SM a CTA: a 128x128 tile on a quarter of the

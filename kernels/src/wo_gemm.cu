@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 template <int BM, int BN, int WM, int WN, int WK, int STAGES>
 cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   using T = WoTile<BM, BN, WM, WN, WK, STAGES>;
+  static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
   return p.a16_dtype == DType::kBFloat16
              ? launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, true>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream)
              : launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, false>, BM, BN>(T::SMEM_BYTES, T::kThreads, p,
@@ -204,7 +205,10 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   if (p.m <= 16) {
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
-    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, 6>(p, stream) : launch<16, 16, 1, 1, 8, 6>(p, stream);
+    // 16-bit activations make a stage twice the integer GEMM's: fewer of them fit.
+    constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 1>>();
+    constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 1>>();
+    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
   }
   if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 3>(p, stream);

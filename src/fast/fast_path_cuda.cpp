@@ -24,7 +24,9 @@ kernels::DType kernel_dtype(torch::ScalarType t) {
 }
 
 void check(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "duquant fast path: ", what, " failed: ", cudaGetErrorString(e));
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // a failed launch also leaves its error pending: clear it, or the next check reports it
+  TORCH_CHECK(false, "duquant fast path: ", what, " failed: ", cudaGetErrorString(e));
 }
 
 const float* f32_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }

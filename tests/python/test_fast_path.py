@@ -162,6 +162,25 @@ def test_layer_matches_reference(dtype, m, cfg):
     assert err < tol, f"relative error {err:.3g} against the reference path"
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(wbits=8), dict(abits=0)], ids=["w4a8", "w8a8", "w4a16"])
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+def test_long_rows_small_batch(cfg, wide):
+    """K >= 8192 at M <= 16 takes the deepest-pipeline tiles (a down_proj at decode); the widest of
+    them once asked for more shared memory than an SM has and failed to launch."""
+    k, n, m = 8192, 96, 5
+    config = dq.Config(block_size=32, block_out=32, **cfg) if wide else dq.Config(**cfg)
+    layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=31), config)
+    x = outlier_input(m, k, torch.bfloat16, seed=32)
+    ref = layer(x.float()).double()
+    gpu = layer.cuda()
+    assert gpu.execution_path == "cuda"
+    poison_next_allocation(((m, n), torch.bfloat16))
+    y = gpu(x.cuda())
+    assert torch.isfinite(y).all()
+    err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < 8e-3, f"relative error {err:.3g} against the reference path"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k,cfg", [
     (1, 256, 512, dict()), (7, 200, 96, dict(wbits=3)), (33, 250, 1024, dict(block_out=8)),
