@@ -243,11 +243,11 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
 // Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
 constexpr int kMaxSmemBytes = 227 * 1024;
 
-// The deepest pipeline, up to 6 stages, whose shared memory fits in kMaxSmemBytes; T1 is the
-// tile with one stage (for long rows, where the weight stream needs many stages in flight).
-template <class T1>
+// The deepest pipeline, up to 6 stages, whose shared memory fits in kMaxSmemBytes, for the tile
+// shape of T (any stage count), for long rows, where the weight stream needs many stages in flight.
+template <class T>
 constexpr int deepest_stages() {
-  const int s = (kMaxSmemBytes - T1::Epi::kOperandBytes) / T1::STAGE_BYTES;
+  const int s = (kMaxSmemBytes - T::Epi::kOperandBytes) / T::STAGE_BYTES;
   return s > 6 ? 6 : s;
 }
 

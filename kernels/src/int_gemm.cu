@@ -218,8 +218,8 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
     // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
     // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
-    constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 1, WBITS>>();
-    constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 1, WBITS>>();
+    constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
+    constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 3, WBITS>>();
     if (p.k >= 8192)
       return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);

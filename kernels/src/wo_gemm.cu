@@ -206,8 +206,8 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
   if (p.m <= 16) {
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
     // 16-bit activations make a stage twice the integer GEMM's: fewer of them fit.
-    constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 1>>();
-    constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 1>>();
+    constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 3>>();
+    constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 3>>();
     if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
     return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
   }
