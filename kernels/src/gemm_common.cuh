@@ -33,6 +33,34 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 
+// Rows [row0, row0 + ROWS) x bytes [col0, col0 + ROW_BYTES) of a row-major byte matrix (rows x
+// row_bytes, ld bytes between rows) into shared memory with STRIDE bytes between rows, 16 bytes per
+// cp.async; what lies outside the matrix is zero-filled. Every operand load of both GEMMs.
+template <int ROWS, int ROW_BYTES, int STRIDE, int THREADS>
+__device__ __forceinline__ void load_tile_async(unsigned char* dst, const unsigned char* src, int64_t ld,
+                                                int64_t rows, int64_t row_bytes, int64_t row0, int64_t col0) {
+  constexpr int CHUNKS = ROWS * ROW_BYTES / 16;
+  for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+    const int r = c / (ROW_BYTES / 16), col = (c % (ROW_BYTES / 16)) * 16;
+    const int64_t gr = row0 + r, gc = col0 + col;
+    const bool ok = gr < rows && gc < row_bytes;
+    cp_async16(dst + r * STRIDE + col, ok ? src + gr * ld + gc : src, ok);
+  }
+}
+
+// f(row, col, i, j, e) for each accumulator element acc[i][j][e] a thread holds, at its tile
+// position in the mma m16n8 C layout (warp (wm, wn) of WM x WN, lane = 4 g + t).
+template <int BM, int BN, int WM, int WN, int MT, int NT, class F>
+__device__ __forceinline__ void for_each_acc(int wm, int wn, int g, int t, F&& f) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        f(wm * (BM / WM) + i * 16 + g + (e >= 2 ? 8 : 0), wn * (BN / WN) + j * 8 + 2 * t + (e & 1), i, j, e);
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }

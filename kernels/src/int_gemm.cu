@@ -78,27 +78,13 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
   auto load_a = [&](int stage, int slot) {
-    unsigned char* sa = smem + slot * T::STAGE_BYTES;
-    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
-    constexpr int A_CHUNKS = BM * T::KS / 16;
-    for (int c = tid; c < A_CHUNKS; c += T::kThreads) {
-      const int r = c / (T::KS / 16), col = (c % (T::KS / 16)) * 16;
-      const int64_t gm = m0 + r, gk = k0 + col;
-      const bool ok = gm < p.m && gk < p.k;
-      cp_async16(sa + r * T::A_STRIDE + col, ok ? a_g + gm * p.a_stride + gk : a_g, ok);
-    }
+    load_tile_async<BM, T::KS, T::A_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES, a_g, p.a_stride, p.m, p.k,
+                                                         m0, static_cast<int64_t>(stage) * T::KS);
   };
   auto load_b = [&](int stage, int slot) {
-    unsigned char* sb = smem + slot * T::STAGE_BYTES + T::A_BYTES;
-    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
-    constexpr int B_CHUNKS = BN * T::B_ROW / 16;
-    const int64_t kb0 = T::kInt4 ? k0 / 2 : k0;
-    for (int c = tid; c < B_CHUNKS; c += T::kThreads) {
-      const int r = c / (T::B_ROW / 16), col = (c % (T::B_ROW / 16)) * 16;
-      const int64_t gn = n0 + r, gb = kb0 + col;
-      const bool ok = gn < p.n && gb < w_row_bytes;
-      cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
-    }
+    load_tile_async<BN, T::B_ROW, T::B_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES + T::A_BYTES, w_g,
+                                                            w_row_bytes, p.n, w_row_bytes, n0,
+                                                            static_cast<int64_t>(stage) * T::B_ROW);
   };
 
   const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
@@ -168,31 +154,15 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   };
   if constexpr (WK == 1) {
     // One partial per output: scaled straight from the registers.
-#pragma unroll
-    for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-      for (int j = 0; j < T::NT; ++j) {
-        const int r = wm * (BM / WM) + i * 16 + g;
-        const int c = wn * (BN / WN) + j * 8 + 2 * t;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int re = r + (e >= 2 ? 8 : 0), ce = c + (e & 1);
-          tile_f[re * T::Epi::kStride + ce] = scaled(acc[i][j][e], re, ce);
-        }
-      }
+    for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
+      tile_f[r * T::Epi::kStride + c] = scaled(acc[i][j][e], r, c);
+    });
   } else {
     for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_i[e] = 0;
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-      for (int j = 0; j < T::NT; ++j) {
-        const int r = wm * (BM / WM) + i * 16 + g;
-        const int c = wn * (BN / WN) + j * 8 + 2 * t;
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          atomicAdd(&tile_i[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)], acc[i][j][e]);
-      }
+    for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
+      atomicAdd(&tile_i[r * T::Epi::kStride + c], acc[i][j][e]);
+    });
     __syncthreads();
     for (int e = tid; e < BM * BN; e += T::kThreads) {
       const int r = e / BN, c = e % BN;

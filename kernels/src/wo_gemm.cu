@@ -85,27 +85,15 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
   const auto* w_g = static_cast<const unsigned char*>(p.w);
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
+  // Activations are 2 bytes each: rows of 2 K bytes, KS activations (2 KS bytes) per stage.
   auto load_a = [&](int stage, int slot) {
-    unsigned char* sa = smem + slot * T::STAGE_BYTES;
-    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
-    constexpr int A_CHUNKS = BM * T::KS * 2 / 16;  // 8 activations per 16 bytes
-    for (int c = tid; c < A_CHUNKS; c += T::kThreads) {
-      const int r = c / (T::KS / 8), col = (c % (T::KS / 8)) * 8;
-      const int64_t gm = m0 + r, gk = k0 + col;
-      const bool ok = gm < p.m && gk < p.k;
-      cp_async16(sa + r * T::A_STRIDE + 2 * col, ok ? a_g + 2 * (gm * p.a_stride + gk) : a_g, ok);
-    }
+    load_tile_async<BM, 2 * T::KS, T::A_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES, a_g, 2 * p.a_stride, p.m,
+                                                             2 * p.k, m0, 2 * static_cast<int64_t>(stage) * T::KS);
   };
   auto load_b = [&](int stage, int slot) {
-    unsigned char* sb = smem + slot * T::STAGE_BYTES + T::A_BYTES;
-    const int64_t k0 = static_cast<int64_t>(stage) * T::KS;
-    constexpr int B_CHUNKS = BN * T::B_ROW / 16;
-    for (int c = tid; c < B_CHUNKS; c += T::kThreads) {
-      const int r = c / (T::B_ROW / 16), col = (c % (T::B_ROW / 16)) * 16;
-      const int64_t gn = n0 + r, gb = k0 / 2 + col;
-      const bool ok = gn < p.n && gb < w_row_bytes;
-      cp_async16(sb + r * T::B_STRIDE + col, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
-    }
+    load_tile_async<BN, T::B_ROW, T::B_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES + T::A_BYTES, w_g,
+                                                            w_row_bytes, p.n, w_row_bytes, n0,
+                                                            static_cast<int64_t>(stage) * T::B_ROW);
   };
 
   const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
@@ -161,15 +149,9 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 #pragma unroll 1
   for (int turn = 0; turn < WK; ++turn) {
     if (wk == turn) {
-#pragma unroll
-      for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-        for (int j = 0; j < T::NT; ++j) {
-          const int r = wm * (BM / WM) + i * 16 + g;
-          const int c = wn * (BN / WN) + j * 8 + 2 * t;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) tile_f[(r + (e >= 2 ? 8 : 0)) * T::Epi::kStride + c + (e & 1)] += acc[i][j][e];
-        }
+      for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
+        tile_f[r * T::Epi::kStride + c] += acc[i][j][e];
+      });
     }
     __syncthreads();
   }

@@ -148,17 +148,23 @@ def test_layer_matches_reference(dtype, m, cfg):
         for s in range(2):
             layer(outlier_input(64, k, torch.float32, seed=100 + s))
         assert layer.calibrated
-    x = outlier_input(m, k, dtype, seed=m + 1)
-    ref = layer(x.float()).double()                        # CPU: the reference path, float32
+    assert_cuda_matches_reference(layer, outlier_input(m, k, dtype, seed=m + 1))
+
+
+def assert_cuda_matches_reference(layer, x):
+    """The CPU layer (reference path, float32) against its CUDA copy (fast path) on x, the output
+    poisoned first. Float32 in: only summation order and rare boundary codes differ. 16-bit out:
+    one rounding."""
+    m, n = x.shape[0], layer.out_features
+    ref = layer(x.float()).double()
     gpu = layer.cuda()
     assert "path=cuda" in repr(gpu)
-    poison_next_allocation(((m, n), dtype))
+    poison_next_allocation(((m, n), x.dtype))
     y = gpu(x.cuda())
-    assert y.dtype == dtype and y.shape == (m, n)
+    assert y.dtype == x.dtype and y.shape == (m, n)
     assert torch.isfinite(y).all()
     err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
-    # Float32 in: only summation order and rare boundary codes differ. 16-bit out: one rounding.
-    tol = 2e-4 if dtype == torch.float32 else 8e-3
+    tol = 2e-4 if x.dtype == torch.float32 else 8e-3
     assert err < tol, f"relative error {err:.3g} against the reference path"
 
 
@@ -167,18 +173,10 @@ def test_layer_matches_reference(dtype, m, cfg):
 def test_long_rows_small_batch(cfg, wide):
     """K >= 8192 at M <= 16 takes the deepest-pipeline tiles (a down_proj at decode); the widest of
     them once asked for more shared memory than an SM has and failed to launch."""
-    k, n, m = 8192, 96, 5
+    k, n = 8192, 96
     config = dq.Config(block_size=32, block_out=32, **cfg) if wide else dq.Config(**cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=31), config)
-    x = outlier_input(m, k, torch.bfloat16, seed=32)
-    ref = layer(x.float()).double()
-    gpu = layer.cuda()
-    assert gpu.execution_path == "cuda"
-    poison_next_allocation(((m, n), torch.bfloat16))
-    y = gpu(x.cuda())
-    assert torch.isfinite(y).all()
-    err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < 8e-3, f"relative error {err:.3g} against the reference path"
+    assert_cuda_matches_reference(layer, outlier_input(5, k, torch.bfloat16, seed=32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
