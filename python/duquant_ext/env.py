@@ -68,6 +68,7 @@ from . import _C
 from .nn import DuQuantLinear
 from .pack import _most_common_config, load_pack
 from .quantize import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, _set_submodule, select_linear_layers
+from ._report import LayerListReport
 
 PREFIXES = ("DUQUANT_", "OPENPI_DUQUANT_")  # first wins
 _TRUE = ("1", "true", "yes", "on")
@@ -296,7 +297,7 @@ class EnvLayer:
 
 
 @dataclass
-class EnvReport:
+class EnvReport(LayerListReport):
     """What enable_from_env did. action: "dry_run" (listed only), "packed" or "loaded" (from pack_path)."""
 
     action: str
@@ -304,13 +305,6 @@ class EnvReport:
     layers: List[EnvLayer] = field(default_factory=list)
     pack_path: Optional[str] = None
     saved: bool = False  # the pack was written to pack_path
-
-    @property
-    def names(self) -> List[str]:
-        return [layer.name for layer in self.layers]
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def __str__(self) -> str:
         verb = {"dry_run": "would quantize", "packed": "packed", "loaded": "loaded"}[self.action]

@@ -21,6 +21,7 @@ from torch import nn
 from . import _C
 from .nn import _BUFFERS, DuQuantLinear
 from .quantize import _set_submodule
+from ._report import LayerListReport
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigRequest = Union[None, _C.Config, Mapping[str, _C.Config]]
@@ -87,19 +88,12 @@ class LoadedLayer:
 
 
 @dataclass
-class LoadReport:
+class LoadReport(LayerListReport):
     """What load_pack did: the layers it filled, and the pack layers it skipped (strict=False)."""
 
     path: str
     layers: List[LoadedLayer] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
-
-    @property
-    def names(self) -> List[str]:
-        return [layer.name for layer in self.layers]
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def __str__(self) -> str:
         lines = [f"duquant: loaded {len(self.layers)} layer(s) from {self.path}"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import _C
 from .nn import DuQuantLinear, layer_bytes
+from ._report import LayerListReport
 
 # The prototype's selection. Patterns match whole dotted path segments of the module's name.
 DEFAULT_INCLUDE = r"(?:^|\.)(?:q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj)(?:\.|$)"
@@ -27,15 +28,11 @@ class LayerReport:
 
 
 @dataclass
-class QuantizeReport:
+class QuantizeReport(LayerListReport):
     """What quantize_ did: the swapped layers and the memory they take before and after."""
 
     config: _C.Config
     layers: List[LayerReport] = field(default_factory=list)
-
-    @property
-    def names(self) -> List[str]:
-        return [layer.name for layer in self.layers]
 
     @property
     def bytes_before(self) -> int:
@@ -44,9 +41,6 @@ class QuantizeReport:
     @property
     def bytes_after(self) -> int:
         return sum(layer.bytes_after for layer in self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def __str__(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
