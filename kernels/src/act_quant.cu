@@ -103,9 +103,11 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
   const bool active = t < l.chunk && o < p.k;
   pdl_trigger();  // the next kernel may start; it waits for this one's results itself
   {
-    // One permutation lookup per column, then every token's load in flight at once.
+    // One permutation lookup per column (the layer's constants: before waiting for the previous
+    // kernel, which may still be writing x), then every token's load in flight at once.
     const int64_t src = active ? (p.transform.perm ? __ldg(p.transform.perm + o) : o) : 0;
     const float smooth = active && p.transform.smooth ? __ldg(p.transform.smooth + src) : 1.f;
+    pdl_wait();
     float v[kSplitRows];
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r)
@@ -151,12 +153,22 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
   if (t < rows) l.chunk_max[(row0 + t) * l.nchunks + blockIdx.x] = row_max[t];
 }
 
+// The layer's first kernel is chained to the kernel before it (the previous layer's GEMM triggers
+// once its main loop is done) at small batches, where its launch and permutation lookups then hide
+// behind that GEMM's epilogue: 0.5-1.3 us of a 8-15 us layer at M <= 16 on an H200. At M = 256
+// its many early CTAs only took SM slots from that epilogue (up to 2 us slower): launched plainly.
+constexpr int64_t kChainFirstKernelMaxM = 64;
+
 template <int BS>
-void launch_rotate_chunk(const ActQuantParams& p, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_rotate_chunk(const ActQuantParams& p, dim3 grid, cudaStream_t stream) {
+  const bool chain = p.chain && p.m <= kChainFirstKernelMaxM;
   switch (p.x_dtype) {
-    case DType::kFloat16: rotate_chunk_kernel<BS, DType::kFloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kBFloat16: rotate_chunk_kernel<BS, DType::kBFloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    default: rotate_chunk_kernel<BS, DType::kFloat32><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16:
+      return launch_kernel(rotate_chunk_kernel<BS, DType::kFloat16>, grid, dim3(kThreads), 0, stream, chain, p);
+    case DType::kBFloat16:
+      return launch_kernel(rotate_chunk_kernel<BS, DType::kBFloat16>, grid, dim3(kThreads), 0, stream, chain, p);
+    default:
+      return launch_kernel(rotate_chunk_kernel<BS, DType::kFloat32>, grid, dim3(kThreads), 0, stream, chain, p);
   }
 }
 
@@ -217,9 +229,7 @@ cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (!act_quant_supported(block) || (!one_pass && p.workspace == nullptr)) return cudaErrorInvalidValue;
   const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);
   const dim3 grid1(static_cast<unsigned>(l.nchunks), static_cast<unsigned>((p.m + kSplitRows - 1) / kSplitRows));
-  if (block == 16) launch_rotate_chunk<16>(p, grid1, stream);
-  else launch_rotate_chunk<0>(p, grid1, stream);
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = block == 16 ? launch_rotate_chunk<16>(p, grid1, stream) : launch_rotate_chunk<0>(p, grid1, stream);
   if (e != cudaSuccess || one_pass) return e;
   const dim3 grid2(static_cast<unsigned>(p.m), static_cast<unsigned>((p.k + kQuantColsPerCta - 1) / kQuantColsPerCta));
   // float4 rows need K % 4 == 0 and 16-byte aligned bases (the workspace is; codes rows then are 4-byte aligned)

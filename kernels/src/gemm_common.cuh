@@ -125,6 +125,9 @@ __device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, Loa
     cp_async_commit();
     compute(stage % STAGES);
   }
+  // Only the epilogue is left: the next layer's first kernel may launch and look up its constants
+  // (triggering at the start let whole next layers prefetch weights into this one's bandwidth).
+  pdl_trigger();
   cp_async_wait<0>();
   __syncthreads();
 }

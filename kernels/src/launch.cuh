@@ -2,9 +2,12 @@
 // Programmatic dependent launch (Hopper): a kernel launched with `chained` may start while the
 // kernel before it in the stream still runs; it must call pdl_wait() before touching anything
 // that kernel writes (pdl_wait returns at once when there was no such launch, or before sm_90).
-// A kernel calls pdl_trigger() to let its dependent start early. Only kernels of one layer's chain
-// are chained: the chain's first kernel is ordered after earlier work as usual, so everything the
-// others read before pdl_wait() (weights, scales, rotations) was complete before the chain began.
+// A kernel calls pdl_trigger() to let its dependent start early. Every kernel of a layer's chain is
+// launched chained, at small batches its first one too, to whatever came before it (the previous
+// layer's GEMM, or a torch kernel, which never triggers early: then it starts when that one ends). Before
+// pdl_wait() a kernel only reads the layer's own constants (weights, scales, rotations, the
+// permutation), which no kernel of a forward writes, and writes nothing: memory the caching
+// allocator hands out again may still be in use by the kernel before.
 #include <cuda_runtime.h>
 
 namespace duquant {
