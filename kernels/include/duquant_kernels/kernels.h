@@ -34,7 +34,7 @@ struct ActQuantParams {
   float* scales = nullptr;          // [M] out: the scale each token was quantized with
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
   void* x_out = nullptr;            // [M, K] (x_dtype), used when abits == 0
-  bool chain = false;  // Hopper: let the second kernel start early (kernels/src/launch.cuh)
+  bool chain = false;  // Hopper: start early, wait in-kernel: the second kernel always, the first at M <= 64 (launch.cuh)
   // Scratch of act_quant_workspace_bytes() for dynamic scales: the rotated values and per-chunk
   // maxima, between the two passes.
   void* workspace = nullptr;
