@@ -7,6 +7,10 @@ namespace py = pybind11;
 
 void bind_fast_path(py::module_& m) {
   m.def("fast_path_built", &duquant::fast_path_built, "True when the library was built with its CUDA kernels.");
+  m.def("set_input_kernel", &duquant::set_input_kernel, py::arg("which"),
+        "Which input kernels the fast path runs, process-wide: \"auto\" (default), \"rows\" (one kernel, "
+        "whole rows in shared memory, wherever a row fits) or \"split\" (two passes over column chunks).");
+  m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
   m.def(
       "fast_path_blocker",
       [](int64_t in_features, int64_t out_features, const duquant::Config& config, py::dict tensors) {

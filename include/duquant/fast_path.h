@@ -24,6 +24,13 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x = t
 // reference path otherwise. x: [..., K] float32/float16/bfloat16; the result has x's dtype.
 torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts = true);
 
+// Which input kernels the fast path runs, process-wide, for comparing them in tests and benchmarks:
+// "auto" (the default: one kernel holding whole rows in shared memory where a row fits on an SM,
+// the two-pass kernels otherwise), "rows" (the one-kernel path wherever it fits) or "split" (the
+// two passes always). Anything else throws.
+void set_input_kernel(const std::string& which);
+std::string input_kernel();
+
 // The fast path's input kernel alone, for tests: x [T, K] -> (int8 codes [T, K], float32 scales [T]).
 // On CPU tensors it runs the reference's transform and quantizer, so the two can be compared.
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

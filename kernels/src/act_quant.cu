@@ -8,9 +8,7 @@
 // max |x'| per token; quantize_chunk_kernel (grid: tokens x column ranges) reduces those maxima to
 // the token's scale and writes codes. With a static scale (or none, weight-only) pass 1 writes the
 // result directly.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "act_common.cuh"
 #include "duquant_kernels/kernels.h"
 #include "launch.cuh"
 
@@ -18,23 +16,11 @@ namespace duquant {
 namespace kernels {
 namespace {
 
+using act::load_as_float;
+using act::store_from_float;
+using act::to_code;
+
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float load_as_float(const void* base, DType dt, int64_t idx) {
-  switch (dt) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[idx]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[idx]);
-    default: return static_cast<const float*>(base)[idx];
-  }
-}
-
-__device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t idx, float v) {
-  switch (dt) {
-    case DType::kFloat16: static_cast<__half*>(base)[idx] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(base)[idx] = v; break;
-  }
-}
 
 // out[r] = sum_k xs[r][blk*B + k] * R[blk][k][j] for output column o = blk*B + j, for all ROWS rows.
 // Summation in k order, float32, like the reference's bmm up to its own summation order.
@@ -64,11 +50,6 @@ __device__ __forceinline__ void rotate_column(const float* xs, int64_t xs_stride
       for (int r = 0; r < ROWS; ++r) out[r] = fmaf(xblk[r * xs_stride + k], w, out[r]);
     }
   }
-}
-
-__device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
-  // Division (not a reciprocal multiply) and round-half-even, exactly as the reference.
-  return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
 }
 
 constexpr int kSplitRows = 16;  // tokens per pass-1 CTA
@@ -216,15 +197,28 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
 
 bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 
-size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale) {
-  if (static_scale || abits == 0 || !act_quant_supported(block)) return 0;
-  const SplitLayout l = split_layout(nullptr, m, k, block);
-  return static_cast<size_t>(((m * k + 63) / 64) * 64 + m * l.nchunks) * sizeof(float);
+// Tokens per CTA for the row kernel, or 0 for the two-pass kernels. The row kernel reads x once and
+// writes codes once; under kAuto it runs where a row fits except where, measured on an H200
+// (benchmarks/fast_path_breakdown.py), the two passes win: one token per CTA past M = 64 with rows
+// longer than 1024 (M = 256, K = 2048: 16.7 us against 10.8).
+static int rows_tokens(const ActQuantParams& p) {
+  if (p.kernel == InputKernel::kSplit) return 0;
+  const int tokens = act_quant_rows_tokens(p.m, p.k, p.transform.block, p.num_sms);
+  if (p.kernel == InputKernel::kAuto && tokens == 1 && p.m > 64 && p.k > 1024) return 0;
+  return tokens;
+}
+
+size_t act_quant_workspace_bytes(const ActQuantParams& p) {
+  if (p.static_scale || p.abits == 0 || !act_quant_supported(p.transform.block) || rows_tokens(p) > 0) return 0;
+  const SplitLayout l = split_layout(nullptr, p.m, p.k, p.transform.block);
+  return static_cast<size_t>(((p.m * p.k + 63) / 64) * 64 + p.m * l.nchunks) * sizeof(float);
 }
 
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
+  if (const int tokens = rows_tokens(p))
+    return act_quant_rows(p, tokens, p.chain && p.m <= kChainFirstKernelMaxM, stream);
   const bool one_pass = p.static_scale != nullptr || p.abits == 0;
   if (!act_quant_supported(block) || (!one_pass && p.workspace == nullptr)) return cudaErrorInvalidValue;
   const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);

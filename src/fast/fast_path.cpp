@@ -1,5 +1,7 @@
 #include "duquant/fast_path.h"
 
+#include <atomic>
+
 #include "duquant/act_quant.h"
 #include "duquant/reference_forward.h"
 
@@ -8,6 +10,24 @@
 #endif
 
 namespace duquant {
+
+namespace {
+const char* const kInputKernels[] = {"auto", "split", "rows"};  // index = kernels::InputKernel
+std::atomic<int> g_input_kernel{0};
+}  // namespace
+
+void set_input_kernel(const std::string& which) {
+  for (int i = 0; i < 3; ++i)
+    if (which == kInputKernels[i]) {
+      g_input_kernel = i;
+      return;
+    }
+  TORCH_CHECK(false, "input kernel must be \"auto\", \"rows\" or \"split\", got \"", which, "\"");
+}
+
+std::string input_kernel() { return kInputKernels[g_input_kernel.load()]; }
+
+int input_kernel_index() { return g_input_kernel.load(); }
 
 bool fast_path_built() {
 #ifdef DUQUANT_WITH_CUDA

@@ -64,8 +64,9 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
     p.x_out = x_out.data_ptr();
   }
   p.chain = chain_kernels(x2d.device());
-  const size_t ws =
-      kernels::act_quant_workspace_bytes(p.m, p.k, p.transform.block, p.abits, p.static_scale != nullptr);
+  p.kernel = static_cast<kernels::InputKernel>(input_kernel_index());
+  p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
+  const size_t ws = kernels::act_quant_workspace_bytes(p);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
   if (ws > 0) {
     workspace = torch::empty({static_cast<int64_t>(ws)}, x2d.options().dtype(torch::kUInt8));

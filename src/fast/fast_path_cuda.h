@@ -9,6 +9,10 @@
 #include "duquant/layer_pack.h"
 
 namespace duquant {
+
+// set_input_kernel()'s choice as a kernels::InputKernel value (src/fast/fast_path.cpp).
+int input_kernel_index();
+
 namespace cuda_fast {
 
 // Limits of the device and the kernels (compute capability, block size); "" when the layer fits.

@@ -22,6 +22,15 @@ pytestmark = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(params=["rows", "split"])
+def input_kernel(request):
+    """Runs a test with each input kernel: one kernel with whole rows in shared memory (1-16 tokens
+    per CTA, by M), and the two passes over column chunks."""
+    dq._C.set_input_kernel(request.param)
+    yield request.param
+    dq._C.set_input_kernel("auto")
+
+
 def outlier_input(m, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
@@ -78,8 +87,12 @@ def restore64(y, r_out):
 @pytest.mark.parametrize("m,k,block,static", [
     (1, 256, 16, False), (7, 1000, 16, False), (33, 2048, 16, False), (300, 333, 32, False),
     (5, 4096, 8, False), (17, 640, 16, True), (1025, 1024, 16, False),
+    # the row kernel's tokens per CTA grow with M (on 114-132 SMs): 16, 8, 4 and 2 here; a row of
+    # 16384 at one token; a row too long for it (the two passes run)
+    (2500, 2048, 16, False), (1100, 4096, 16, False), (700, 1000, 16, True), (300, 16384, 16, False),
+    (3, 16384, 16, False), (2, 40000, 16, False),
 ])
-def test_input_codes_equal_reference(dtype, m, k, block, static):
+def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
     x = outlier_input(m, k, dtype, seed=m + k)
     perm = torch.randperm(k)
     r_in = torch.linalg.qr(torch.randn((k + block - 1) // block, block, block, dtype=torch.float64))[0].float()
@@ -137,10 +150,10 @@ def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias):
 
 # ---- whole layers against the reference path -----------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 64, 257])
+@pytest.mark.parametrize("m", [1, 5, 64, 257, 1100, 2200])
 @pytest.mark.parametrize("cfg", [dict(), dict(wbits=8), dict(act="static", calib_steps=2), dict(abits=0)],
                          ids=["w4a8", "w8a8", "static", "w4a16"])
-def test_layer_matches_reference(dtype, m, cfg):
+def test_layer_matches_reference(dtype, m, cfg, input_kernel):
     k, n = 1024, 768
     lin = outlier_linear(n, k, True, seed=m)
     layer = dq.DuQuantLinear.from_linear(lin, dq.Config(**cfg))

@@ -22,6 +22,10 @@ struct InputTransform {
   int block = 16;                   // B
 };
 
+// Which input kernels run: one kernel with whole rows in shared memory where a row fits on an SM
+// (kRows), or the two passes spread over column chunks (kSplit); kAuto picks (act_quant.cu).
+enum class InputKernel : int { kAuto = 0, kSplit = 1, kRows = 2 };
+
 struct ActQuantParams {
   const void* x = nullptr;          // [M, K] row-major, row stride x_stride elements
   DType x_dtype = DType::kFloat32;
@@ -35,16 +39,18 @@ struct ActQuantParams {
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
   void* x_out = nullptr;            // [M, K] (x_dtype), used when abits == 0
   bool chain = false;  // Hopper: start early, wait in-kernel: the second kernel always, the first at M <= 64 (launch.cuh)
-  // Scratch of act_quant_workspace_bytes() for dynamic scales: the rotated values and per-chunk
-  // maxima, between the two passes.
+  InputKernel kernel = InputKernel::kAuto;
+  int num_sms = 132;                // for picking tokens per CTA
+  // Scratch of act_quant_workspace_bytes() for the two-pass kernels with dynamic scales: the
+  // rotated values and per-chunk maxima, between the passes.
   void* workspace = nullptr;
 };
 
 // True for block sizes the input kernels take (B <= 256: a chunk holds whole blocks).
 bool act_quant_supported(int block);
 
-// Bytes of scratch act_quant needs for these sizes (0 when it needs none).
-size_t act_quant_workspace_bytes(int64_t m, int64_t k, int block, int abits, bool static_scale);
+// Bytes of scratch act_quant needs for these parameters (0 when it needs none).
+size_t act_quant_workspace_bytes(const ActQuantParams& p);
 
 // Launches the input kernel(s); returns the launch status.
 cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream);

@@ -1,0 +1,44 @@
+#pragma once
+// Shared by the input kernels (act_quant.cu, act_quant_rows.cu): element access, rounding, and the
+// row kernel's entry points for act_quant()'s dispatch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "duquant_kernels/kernels.h"
+
+namespace duquant {
+namespace kernels {
+namespace act {
+
+__device__ __forceinline__ float load_as_float(const void* base, DType dt, int64_t idx) {
+  switch (dt) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[idx]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[idx]);
+    default: return static_cast<const float*>(base)[idx];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, DType dt, int64_t idx, float v) {
+  switch (dt) {
+    case DType::kFloat16: static_cast<__half*>(base)[idx] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[idx] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(base)[idx] = v; break;
+  }
+}
+
+__host__ __device__ constexpr int dtype_bytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+__device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
+  // Division (not a reciprocal multiply) and round-half-even, exactly as the reference.
+  return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
+}
+
+}  // namespace act
+
+// act_quant_rows.cu: the one-kernel input side for rows that fit on one SM.
+// Tokens per CTA for these sizes, or 0 when a row does not fit (then the two-pass kernels run).
+int act_quant_rows_tokens(int64_t m, int64_t k, int block, int num_sms);
+cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream);
+
+}  // namespace kernels
+}  // namespace duquant

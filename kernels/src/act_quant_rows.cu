@@ -1,0 +1,330 @@
+// The input side in one kernel, for rows that fit on one SM (K <= 32768 at B = 16): a CTA stages
+// T whole token rows in shared memory with coalesced 16-byte loads, gathers the permutation from
+// there (a gather from global memory reads a 32-byte sector per 2-byte element), rotates 512
+// positions at a time into registers, reduces each token's max |x'| inside the CTA and writes the
+// codes. No float32 round trip through global memory, no second kernel.
+//
+// T (tokens per CTA) trades rotation traffic against parallelism: every CTA reads the whole
+// r_in (64 bytes per column at B = 16), so many tokens per CTA at large M, one at small M.
+// At one token per CTA a CTA's chunks are a serial chain of L2 round trips (about 1 us each on
+// an H200), so on Hopper a cluster of up to 8 CTAs shares a token's chunks and swaps the per-token
+// maxima through distributed shared memory.
+#include <cooperative_groups.h>
+
+#include "act_common.cuh"
+#include "duquant_kernels/kernels.h"
+#include "launch.cuh"
+
+namespace duquant {
+namespace kernels {
+namespace {
+
+constexpr int kRowThreads = 512;
+constexpr int kMaxVals = 64;  // rotated values one thread holds: tokens per CTA x 512-column chunks
+
+// Chunks a thread holds at T tokens per CTA (64 values, fewer at 4 and 8 tokens: those spill).
+__host__ __device__ constexpr int max_chunks(int tokens) { return (tokens == 4 ? 48 : tokens == 8 ? 56 : kMaxVals) / tokens; }
+
+// A cluster CTA's chunks at most (its share of a row of up to 8 x 4 chunks): few registers, so
+// two CTAs fit on an SM.
+constexpr int kClusterChunks = 4;
+constexpr int kMaxCluster = 8;  // the portable cluster size
+
+__host__ __device__ constexpr int rows_chunk(int block) { return (kRowThreads / block) * block; }
+__host__ __device__ constexpr int64_t rows_row_bytes(int64_t k, int esz) { return (k * esz + 15) / 16 * 16; }
+
+// Thread-block clusters (Hopper and newer) on the current device; asked once per device.
+bool clusters_available() {
+  static int major[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 64) return false;
+  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major[dev] >= 9;
+}
+
+size_t rows_smem_bytes(int tokens, int64_t k, DType dt) {
+  return static_cast<size_t>(tokens) * (rows_row_bytes(k, act::dtype_bytes(dt)) + kRowThreads * sizeof(float));
+}
+
+// Stages rows [row0, row0 + rows) of x into xs (row pitch `pitch` bytes).
+// Stages rows [row0, row0 + rows) of x into xs (row pitch `pitch` bytes). Rows are short here
+// (K <= 32768): 32-bit indices.
+template <DType DT>
+__device__ __forceinline__ void stage_rows(const ActQuantParams& p, int64_t row0, int rows, unsigned char* xs,
+                                           int pitch) {
+  constexpr int ESZ = act::dtype_bytes(DT);
+  const char* x = static_cast<const char*>(p.x) + row0 * p.x_stride * ESZ;
+  const int64_t row_stride = p.x_stride * ESZ;
+  const int k = static_cast<int>(p.k);
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && row_stride % 16 == 0 && (k * ESZ) % 16 == 0) {
+    const int per_row = k * ESZ / 16;
+    const int total = rows * per_row;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < total; i += kRowThreads) {
+      const int r = i / per_row, c = i - r * per_row;
+      reinterpret_cast<uint4*>(xs + r * pitch)[c] = __ldg(reinterpret_cast<const uint4*>(x + r * row_stride) + c);
+    }
+  } else {
+    const int total = rows * k;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < total; i += kRowThreads) {
+      const int r = i / k, c = i - r * k;
+      act::store_from_float(xs + r * pitch, DT, c, act::load_as_float(x + r * row_stride, DT, c));  // exact
+    }
+  }
+}
+
+// What a thread needs to produce position o of a chunk: its source channel, the smoothing divisor
+// and (B = 16) its rotation column. All layer constants: fetched a chunk ahead.
+template <int BS>
+struct ChunkInputs {
+  int src = 0;
+  float smooth = 1.f;
+  float w[BS > 0 ? BS : 1];
+};
+
+template <int BS>
+__device__ __forceinline__ void fetch_chunk(const InputTransform& tr, int o, bool active, ChunkInputs<BS>& in) {
+  in.src = active ? (tr.perm ? static_cast<int>(__ldg(tr.perm + o)) : o) : 0;
+  if constexpr (BS > 0) {
+    const float* rcol = tr.r_in + (o / BS) * BS * BS + o % BS;
+#pragma unroll
+    for (int i = 0; i < BS; ++i) in.w[i] = active ? __ldg(rcol + i * BS) : 0.f;
+  }
+}
+
+// T tokens per CTA, at most NCH chunks per CTA.
+template <int T, int NCH, int BS, DType DT>
+__global__ void __launch_bounds__(kRowThreads, T == 1 && NCH <= kClusterChunks ? 2 : 1) rotate_rows_kernel(ActQuantParams p) {
+  constexpr int ESZ = act::dtype_bytes(DT);
+  // Fetching the next chunk's inputs during this one's rotation hides an L2 round trip per chunk,
+  // which is what a one-token CTA with a whole row waits on; elsewhere the registers spill.
+  constexpr bool kPrefetch = T == 1 && NCH > kClusterChunks;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[T][kRowThreads / 32];
+  __shared__ float scale_s[T];
+  const int block = BS > 0 ? BS : p.transform.block;
+  const int chunk = rows_chunk(block);
+  const int k = static_cast<int>(p.k);
+  const int nch = (k + chunk - 1) / chunk;
+  const int pitch = static_cast<int>(rows_row_bytes(k, ESZ));
+  unsigned char* xs = smem;                                // [T][pitch] the rows as read
+  float* xp = reinterpret_cast<float*>(smem + T * pitch);  // [T][kRowThreads] one chunk of x~
+  const int t = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T;
+  const int rows = p.m - row0 < T ? static_cast<int>(p.m - row0) : T;
+  const InputTransform& tr = p.transform;
+  // This CTA's chunks: all of them, or its share when a cluster (along y) splits the row.
+  const int split = gridDim.y, per_cta = (nch + split - 1) / split;  // per_cta <= NCH (launch_rows)
+  const int c_begin = blockIdx.y * per_cta;
+  const int c_end = c_begin + per_cta < nch ? c_begin + per_cta : nch;
+
+  pdl_trigger();  // the GEMM may launch now; it waits for these codes itself
+  // The first chunk's inputs are layer constants: fetched before waiting for the kernel that writes x.
+  ChunkInputs<BS> cur, nxt;
+  fetch_chunk<BS>(tr, c_begin * chunk + t, t < chunk && c_begin * chunk + t < k, cur);
+  pdl_wait();
+  stage_rows<DT>(p, row0, rows, xs, pitch);
+
+  // Rotated values accumulate in place (no per-chunk temporaries: 128 registers a thread at 512
+  // threads is the budget).
+  float vals[kMaxVals];
+#pragma unroll
+  for (int lc = 0; lc < NCH; ++lc) {
+    const int c = c_begin + lc;
+    if (c >= c_end) break;  // uniform: every thread runs the same chunks (the barriers need that)
+    const int o = c * chunk + t;
+    const bool active = t < chunk && o < k;
+    if (!kPrefetch && lc > 0) fetch_chunk<BS>(tr, o, active, cur);
+    if (active && tr.smooth) cur.smooth = __ldg(tr.smooth + cur.src);
+    __syncthreads();  // rows staged (first chunk); the previous chunk's x~ consumed (later ones)
+#pragma unroll
+    for (int r = 0; r < T; ++r) {
+      // positions past K (a short last block) are zeros: the block is embedded in an identity
+      const float v = active && r < rows ? act::load_as_float(xs + r * pitch, DT, cur.src) : 0.f;
+      xp[r * kRowThreads + t] = tr.smooth ? v / cur.smooth : v;
+    }
+    if (kPrefetch && c + 1 < c_end) fetch_chunk<BS>(tr, o + chunk, t < chunk && o + chunk < k, nxt);
+    __syncthreads();
+    float* out = vals + lc * T;
+#pragma unroll
+    for (int r = 0; r < T; ++r) out[r] = 0.f;
+    if (active) {
+      const int b0 = (t / block) * block;  // this block's first position inside the chunk
+      if constexpr (BS == 16) {
+#pragma unroll
+        for (int r = 0; r < T; ++r) {
+          const float4* xb = reinterpret_cast<const float4*>(xp + r * kRowThreads + b0);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float4 a = xb[q];
+            out[r] = fmaf(a.x, cur.w[4 * q], out[r]);
+            out[r] = fmaf(a.y, cur.w[4 * q + 1], out[r]);
+            out[r] = fmaf(a.z, cur.w[4 * q + 2], out[r]);
+            out[r] = fmaf(a.w, cur.w[4 * q + 3], out[r]);
+          }
+        }
+      } else {
+        const float* rcol = tr.r_in + static_cast<int64_t>(o / block) * block * block + o % block;
+        for (int i = 0; i < block; ++i) {
+          const float wi = __ldg(rcol + i * block);
+#pragma unroll
+          for (int r = 0; r < T; ++r) out[r] = fmaf(xp[r * kRowThreads + b0 + i], wi, out[r]);
+        }
+      }
+    }
+    if (kPrefetch) cur = nxt;
+  }
+
+  const float qmax = p.abits > 0 ? static_cast<float>((1 << (p.abits - 1)) - 1) : 0.f;
+  if (p.abits > 0) {
+    if (p.static_scale) {
+      if (t < rows) {
+        scale_s[t] = __ldg(p.static_scale);
+        if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+      }
+    } else {
+      const int lane = t & 31, warp = t >> 5;
+#pragma unroll
+      for (int r = 0; r < T; ++r) {
+        float v = 0.f;  // positions past K hold zeros
+#pragma unroll
+        for (int lc = 0; lc < NCH; ++lc) {
+          if (c_begin + lc >= c_end) break;
+          v = fmaxf(v, fabsf(vals[lc * T + r]));
+        }
+        for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+        if (lane == 0) red[r][warp] = v;
+      }
+      __syncthreads();
+      if (t < rows) {
+        float v = 0.f;
+#pragma unroll
+        for (int i = 0; i < kRowThreads / 32; ++i) v = fmaxf(v, red[t][i]);
+        scale_s[t] = v;  // this CTA's max; the scale once the cluster's maxima are in
+      }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if (split > 1) {
+        namespace cg = cooperative_groups;
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();  // every CTA's max is in its shared memory
+        float v = 0.f;
+        if (t < rows)
+          for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[t], q));
+        cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
+        if (t < rows) scale_s[t] = v;
+      }
+#endif
+      if (t < rows) {
+        scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
+        if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int lc = 0; lc < NCH; ++lc) {
+    const int c = c_begin + lc;
+    if (c >= c_end) break;
+    const int o = c * chunk + t;
+    if (t >= chunk || o >= k) continue;
+#pragma unroll
+    for (int r = 0; r < T; ++r) {
+      if (r >= rows) break;
+      const int64_t idx = (row0 + r) * k + o;
+      if (p.abits == 0)
+        act::store_from_float(p.x_out, DT, idx, vals[lc * T + r]);  // weight-only: x' in x's dtype
+      else
+        p.codes[idx] = act::to_code(vals[lc * T + r], scale_s[r], qmax);
+    }
+  }
+}
+
+template <int T, int NCH, int BS, DType DT>
+cudaError_t launch_rows(const ActQuantParams& p, int split, bool chain, cudaStream_t stream) {
+  auto kernel = rotate_rows_kernel<T, NCH, BS, DT>;
+  const size_t smem = rows_smem_bytes(T, p.k, DT);
+  {
+    // Raising the limit (48 KB without it, static shared memory included) is a host call: once per
+    // kernel and device, off the hot path.
+    static bool raised[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || !raised[dev]) {
+      const int64_t longest = static_cast<int64_t>(T == 1 && NCH <= kClusterChunks ? kMaxCluster * NCH : NCH) * rows_chunk(16);
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(rows_smem_bytes(T, longest, DT)));
+      if (e != cudaSuccess) return e;
+      if (dev < 64) raised[dev] = true;
+    }
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((p.m + T - 1) / T), static_cast<unsigned>(split));
+  config.blockDim = dim3(kRowThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (chain) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (split > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {1, static_cast<unsigned>(split), 1};
+  }
+  config.attrs = attr;
+  config.numAttrs = n;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+template <int T, int NCH, int BS>
+cudaError_t launch_rows_dtype(const ActQuantParams& p, int split, bool chain, cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case DType::kFloat16: return launch_rows<T, NCH, BS, DType::kFloat16>(p, split, chain, stream);
+    case DType::kBFloat16: return launch_rows<T, NCH, BS, DType::kBFloat16>(p, split, chain, stream);
+    default: return launch_rows<T, NCH, BS, DType::kFloat32>(p, split, chain, stream);
+  }
+}
+
+template <int T, int NCH = max_chunks(T)>
+cudaError_t launch_rows_block(const ActQuantParams& p, int split, bool chain, cudaStream_t stream) {
+  return p.transform.block == 16 ? launch_rows_dtype<T, NCH, 16>(p, split, chain, stream)
+                                 : launch_rows_dtype<T, NCH, 0>(p, split, chain, stream);
+}
+
+}  // namespace
+
+int act_quant_rows_tokens(int64_t m, int64_t k, int block, int num_sms) {
+  if (block < 1 || block > kRowThreads || m < 1) return 0;
+  const int64_t nch = (k + rows_chunk(block) - 1) / rows_chunk(block);
+  // The most tokens per CTA that still gives every SM a CTA; one when M is below the SM count.
+  for (int tokens : {16, 8, 4, 2})
+    if (nch <= max_chunks(tokens) && (m + tokens - 1) / tokens >= num_sms) return tokens;
+  return nch <= max_chunks(1) ? 1 : 0;
+}
+
+cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream) {
+  switch (tokens) {
+    case 16: return launch_rows_block<16>(p, 1, chain, stream);
+    case 8: return launch_rows_block<8>(p, 1, chain, stream);
+    case 4: return launch_rows_block<4>(p, 1, chain, stream);
+    case 2: return launch_rows_block<2>(p, 1, chain, stream);
+    case 1: {
+      // One token per CTA: on Hopper a cluster of up to 8 CTAs splits the row, as evenly as it goes.
+      const int64_t nch = (p.k + rows_chunk(p.transform.block) - 1) / rows_chunk(p.transform.block);
+      if (clusters_available() && nch <= kMaxCluster * kClusterChunks) {
+        const int split = static_cast<int>(nch < kMaxCluster ? nch : kMaxCluster);
+        const int per_cta = static_cast<int>((nch + split - 1) / split);
+        return launch_rows_block<1, kClusterChunks>(p, static_cast<int>((nch + per_cta - 1) / per_cta), chain, stream);
+      }
+      return launch_rows_block<1>(p, 1, chain, stream);
+    }
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace kernels
+}  // namespace duquant
