@@ -199,12 +199,12 @@ bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 
 // Tokens per CTA for the row kernel, or 0 for the two-pass kernels. The row kernel reads x once and
 // writes codes once; under kAuto it runs where a row fits except where, measured on an H200
-// (benchmarks/fast_path_breakdown.py), the two passes win: one token per CTA past M = 64 with rows
-// longer than 1024 (M = 256, K = 2048: 16.7 us against 10.8).
+// (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens than 2 per SM past M = 128
+// with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
 static int rows_tokens(const ActQuantParams& p) {
   if (p.kernel == InputKernel::kSplit) return 0;
   const int tokens = act_quant_rows_tokens(p.m, p.k, p.transform.block, p.num_sms);
-  if (p.kernel == InputKernel::kAuto && tokens == 1 && p.m > 64 && p.k > 1024) return 0;
+  if (p.kernel == InputKernel::kAuto && tokens == 1 && p.m > 128 && p.k > 1024) return 0;
   return tokens;
 }
 

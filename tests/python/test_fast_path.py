@@ -87,10 +87,11 @@ def restore64(y, r_out):
 @pytest.mark.parametrize("m,k,block,static", [
     (1, 256, 16, False), (7, 1000, 16, False), (33, 2048, 16, False), (300, 333, 32, False),
     (5, 4096, 8, False), (17, 640, 16, True), (1025, 1024, 16, False),
-    # the row kernel's tokens per CTA grow with M (on 114-132 SMs): 16, 8, 4 and 2 here; a row of
-    # 16384 at one token; a row too long for it (the two passes run)
+    # the row kernel's tokens per CTA grow with M (on 114-132 SMs): 16, 8, 4 and 2 here; rows split
+    # over a cluster (Hopper) at 1 token per CTA, and at 2 (one or four chunks a CTA); a row too
+    # long for it (the two passes run)
     (2500, 2048, 16, False), (1100, 4096, 16, False), (700, 1000, 16, True), (300, 16384, 16, False),
-    (3, 16384, 16, False), (2, 40000, 16, False),
+    (3, 16384, 16, False), (200, 4096, 16, False), (101, 16384, 16, False), (2, 40000, 16, False),
 ])
 def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
     x = outlier_input(m, k, dtype, seed=m + k)
