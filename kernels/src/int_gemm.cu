@@ -185,9 +185,10 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
   const int bo = p.r_out ? p.block_out : 1;
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
-  // Also up to M = 128 where 32x32 tiles would leave half the SMs idle (N <= 1024 at M = 64, N <= 2048
-  // at M = 32): 1.5-4 us faster per layer there on an H200, slower where 32x32 tiles fill the GPU.
-  if (p.m <= 16 || (p.m <= 128 && 2 * ctas(32, 32) <= p.num_sms)) {
+  // Also up to M = 256 where 32x32 tiles would leave half the SMs idle (N <= 1024 at M = 64, N <= 2048
+  // at M = 32, N <= 256 at M = 256): 1.5-4 us faster per layer there on an H200, slower where 32x32
+  // tiles fill the GPU.
+  if (p.m <= 16 || (p.m <= 256 && 2 * ctas(32, 32) <= p.num_sms)) {
     const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
     // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
     constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
@@ -199,7 +200,9 @@ cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
   // Otherwise the largest tile that still gives every SM a CTA: a 128x128 tile on a quarter of the
   // SMs is slower than 32x32 tiles on all of them.
   if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
-  if (ctas(64, 64) >= p.num_sms || p.m > 256) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
+  // Up to M = 512, 32x32 tiles on every SM beat 64x64 tiles on nearly all of them (H200, M = 512:
+  // 4096->1024 28 us against 34, 2048->256 9 against 20).
+  if (ctas(64, 64) >= p.num_sms || p.m > 512) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
   return launch<32, 32, 2, 1, 4, 3, WBITS>(p, stream);
 }
 
