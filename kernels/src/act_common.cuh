@@ -37,7 +37,7 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
 
 // act_quant_rows.cu: the one-kernel input side for rows that fit on one SM.
 // Tokens per CTA for these sizes, or 0 when a row does not fit (then the two-pass kernels run).
-int act_quant_rows_tokens(int64_t m, int64_t k, int block, int num_sms);
+int act_quant_rows_tokens(const ActQuantParams& p);
 cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream);
 
 }  // namespace kernels

@@ -203,7 +203,7 @@ bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 // with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
 static int rows_tokens(const ActQuantParams& p) {
   if (p.kernel == InputKernel::kSplit) return 0;
-  const int tokens = act_quant_rows_tokens(p.m, p.k, p.transform.block, p.num_sms);
+  const int tokens = act_quant_rows_tokens(p);
   if (p.kernel == InputKernel::kAuto && tokens == 1 && p.m > 128 && p.k > 1024) return 0;
   return tokens;
 }

@@ -26,7 +26,7 @@ constexpr int kMaxVals = 64;  // rotated values one thread holds: tokens per CTA
 __host__ __device__ constexpr int max_chunks(int tokens) { return (tokens == 4 ? 48 : tokens == 8 ? 56 : kMaxVals) / tokens; }
 
 // A cluster CTA's chunks at most (its share of a row of up to 8 x 4 chunks): few registers, so
-// two CTAs fit on an SM.
+// an SM's registers hold two CTAs.
 constexpr int kClusterChunks = 4;
 constexpr int kMaxCluster = 8;  // the portable cluster size
 // The kernels launched in clusters: 1 or 2 tokens per CTA (4 spill at two CTAs per SM), kClusterChunks chunks.
@@ -37,22 +37,13 @@ __host__ __device__ constexpr bool cluster_variant(int tokens, int chunks) {
 __host__ __device__ constexpr int rows_chunk(int block) { return (kRowThreads / block) * block; }
 __host__ __device__ constexpr int64_t rows_row_bytes(int64_t k, int esz) { return (k * esz + 15) / 16 * 16; }
 
-// Thread-block clusters (Hopper and newer) on the current device; asked once per device.
-bool clusters_available() {
-  static int major[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (dev >= 64) return false;
-  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major[dev] >= 9;
-}
-
 size_t rows_smem_bytes(int tokens, int64_t k, DType dt) {
   return static_cast<size_t>(tokens) * (rows_row_bytes(k, act::dtype_bytes(dt)) + kRowThreads * sizeof(float));
 }
 
-// Stages rows [row0, row0 + rows) of x into xs (row pitch `pitch` bytes).
+// Room left for the dynamic shared memory under the static (at most 16 x 68 bytes).
+constexpr int kStaticSmemRoom = 2048;
+
 // Stages rows [row0, row0 + rows) of x into xs (row pitch `pitch` bytes). Rows are short here
 // (K <= 32768): 32-bit indices.
 template <DType DT>
@@ -246,6 +237,33 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
   }
 }
 
+// Facts of the current device the launch choices need; asked once per device.
+struct DeviceFacts {
+  bool known = false;
+  int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
+  bool clusters = false;      // Hopper or newer, and the cluster kernels built for it (a binary
+                              // without sm_90 code would run them without their max exchange)
+};
+
+const DeviceFacts& device_facts() {
+  static DeviceFacts facts[64];
+  static const DeviceFacts none;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return none;
+  DeviceFacts& f = facts[dev];
+  if (!f.known) {
+    int major = 0;
+    cudaFuncAttributes attr = {};
+    if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, rotate_rows_kernel<1, kClusterChunks, 16, DType::kBFloat16>) != cudaSuccess)
+      return none;
+    f.clusters = major >= 9 && attr.ptxVersion >= 90;  // the virtual architecture it was compiled for
+    f.known = true;
+  }
+  return f;
+}
+
 template <int T, int NCH, int BS, DType DT>
 cudaError_t launch_rows(const ActQuantParams& p, int split, bool chain, cudaStream_t stream) {
   auto kernel = rotate_rows_kernel<T, NCH, BS, DT>;
@@ -257,9 +275,13 @@ cudaError_t launch_rows(const ActQuantParams& p, int split, bool chain, cudaStre
     int dev = 0;
     cudaGetDevice(&dev);
     if (dev >= 64 || !raised[dev]) {
+      // The most any launch of this kernel needs, within what the device offers (act_quant_rows_tokens
+      // only picks launches that fit).
       const int64_t longest = static_cast<int64_t>(cluster_variant(T, NCH) ? kMaxCluster * NCH : NCH) * rows_chunk(16);
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(rows_smem_bytes(T, longest, DT)));
+      int most = static_cast<int>(rows_smem_bytes(T, longest, DT));
+      const int room = device_facts().smem_optin - kStaticSmemRoom;
+      if (most > room) most = room;
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
       if (e != cudaSuccess) return e;
       if (dev < 64) raised[dev] = true;
     }
@@ -301,13 +323,20 @@ cudaError_t launch_rows_block(const ActQuantParams& p, int split, bool chain, cu
 
 }  // namespace
 
-int act_quant_rows_tokens(int64_t m, int64_t k, int block, int num_sms) {
-  if (block < 1 || block > kRowThreads || m < 1) return 0;
-  const int64_t nch = (k + rows_chunk(block) - 1) / rows_chunk(block);
+int act_quant_rows_tokens(const ActQuantParams& p) {
+  const int block = p.transform.block;
+  if (block < 1 || block > kRowThreads || p.m < 1) return 0;
+  const int64_t nch = (p.k + rows_chunk(block) - 1) / rows_chunk(block);
+  // Rows staged must fit in the shared memory the device offers (fp32 rows of 16384 do not on sm_86/89).
+  const DeviceFacts& dev = device_facts();
+  auto fits = [&](int tokens) {
+    return nch <= max_chunks(tokens) &&
+           rows_smem_bytes(tokens, p.k, p.x_dtype) + kStaticSmemRoom <= static_cast<size_t>(dev.smem_optin);
+  };
   // The most tokens per CTA that still gives every SM a CTA; one when M is below the SM count.
   for (int tokens : {16, 8, 4, 2})
-    if (nch <= max_chunks(tokens) && (m + tokens - 1) / tokens >= num_sms) return tokens;
-  return nch <= max_chunks(1) ? 1 : 0;
+    if (fits(tokens) && (p.m + tokens - 1) / tokens >= p.num_sms) return tokens;
+  return fits(1) ? 1 : 0;
 }
 
 cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream) {
@@ -321,12 +350,13 @@ cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cuda
       // goes, and a CTA takes one token, or two where one would need more CTAs than SMs (a second
       // wave: M = 64, K = 2048 took 6.3 us at one token per CTA, 4.0 at two on an H200).
       const int64_t nch = (p.k + rows_chunk(p.transform.block) - 1) / rows_chunk(p.transform.block);
-      if (clusters_available() && nch <= kMaxCluster * kClusterChunks) {
+      if (device_facts().clusters && nch <= kMaxCluster * kClusterChunks) {
         const int64_t most = nch < kMaxCluster ? nch : kMaxCluster;
         const int64_t per_cta = (nch + most - 1) / most;
         const int split = static_cast<int>((nch + per_cta - 1) / per_cta);
         auto ctas = [&](int64_t tokens) { return (p.m + tokens - 1) / tokens * split; };
-        if (ctas(1) <= p.num_sms) return launch_rows_block<1, kClusterChunks>(p, split, chain, stream);
+        const bool two_fit = rows_smem_bytes(2, p.k, p.x_dtype) + kStaticSmemRoom <= static_cast<size_t>(device_facts().smem_optin);
+        if (ctas(1) <= p.num_sms || !two_fit) return launch_rows_block<1, kClusterChunks>(p, split, chain, stream);
         return launch_rows_block<2, kClusterChunks>(p, split, chain, stream);
       }
       return launch_rows_block<1>(p, 1, chain, stream);
