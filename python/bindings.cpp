@@ -1,5 +1,7 @@
 // duquant_ext._C: Config, LayerPack and the packer for Python. The forward path is reached through
 // the dispatcher ops (torch.ops.duquant.*) registered by the core library.
+#include <algorithm>
+
 #include <pybind11/operators.h>
 #include <torch/extension.h>
 
@@ -51,12 +53,10 @@ LayerPack layer_pack_from_tensors(int64_t in_features, int64_t out_features, con
   for (auto item : tensors) {
     const auto key = py::cast<std::string>(item.first);
     if (item.second.is_none()) continue;
-    auto t = py::cast<torch::Tensor>(item.second);
-    if (key == "qweight") p.qweight = t; else if (key == "w_scale") p.w_scale = t;
-    else if (key == "perm") p.perm = t; else if (key == "r_in") p.r_in = t;
-    else if (key == "r_out") p.r_out = t; else if (key == "bias") p.bias = t;
-    else if (key == "act_scale") p.act_scale = t; else if (key == "calib_state") p.calib_state = t;
-    else throw py::value_error(where + ": unknown tensor '" + key + "'");
+    const auto* field = std::find_if(std::begin(duquant::kLayerTensorFields), std::end(duquant::kLayerTensorFields),
+                                     [&](const duquant::LayerTensorField& f) { return key == f.name; });
+    if (field == std::end(duquant::kLayerTensorFields)) throw py::value_error(where + ": unknown tensor '" + key + "'");
+    p.*field->member = py::cast<torch::Tensor>(item.second);
   }
   return p;
 }
@@ -139,9 +139,8 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
       .def_property_readonly("calib_state", [](const LayerPack& p) { return optional_tensor(p.calib_state); })
       .def("tensors", [](const LayerPack& p) {
         py::dict d;
-        auto put = [&](const char* k, const torch::Tensor& t) { if (t.defined()) d[k] = t; };
-        put("qweight", p.qweight); put("w_scale", p.w_scale); put("perm", p.perm); put("r_in", p.r_in);
-        put("r_out", p.r_out); put("bias", p.bias); put("act_scale", p.act_scale); put("calib_state", p.calib_state);
+        for (const auto& field : duquant::kLayerTensorFields)
+          if ((p.*field.member).defined()) d[field.name] = p.*field.member;
         return d;
       }, "The defined tensors by buffer name.")
       .def("__repr__", [](const LayerPack& p) {

@@ -29,9 +29,6 @@ duquant-pack --copy-rest) and the sizes. The file is validated as it is opened.
 
 Exit status: 0 ok; 1 failure (missing, malformed or not a duquant pack); 2 usage error.)";
 
-// The tensor fields a layer owns in a pack (DESIGN.md section 4).
-const char* const kLayerFields[] = {"qweight", "w_scale", "perm", "r_in", "r_out", "bias", "act_scale", "calib_state"};
-
 struct LayerRow {
   duquant::PackFile::LayerInfo info;
   int64_t bytes = 0;
@@ -63,8 +60,8 @@ int run(int argc, char** argv) {
   int64_t layer_total = 0;
   for (const auto& name : pack.layer_names()) {
     LayerRow row{pack.layer(name), 0};
-    for (const char* field : kLayerFields) {
-      auto it = tensor_bytes.find(name + "." + field);
+    for (const auto& field : duquant::kLayerTensorFields) {
+      auto it = tensor_bytes.find(name + "." + field.name);
       if (it != tensor_bytes.end()) row.bytes += it->second;
     }
     layer_total += row.bytes;

@@ -39,7 +39,6 @@ class DuQuantLinearImpl : public torch::nn::Module {
 
   Config config_;
   int64_t in_features_ = 0, out_features_ = 0;
-  torch::Tensor qweight_, w_scale_, perm_, r_in_, r_out_, bias_, act_scale_, calib_state_;
   mutable bool known_calibrated_ = false;  // host mirror: avoids a device sync per forward once true
 };
 

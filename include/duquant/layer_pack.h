@@ -31,6 +31,20 @@ struct LayerPack {
   void validate(const std::string& where = "layer") const;
 };
 
+// The tensors a layer owns, by buffer and pack-field name (DESIGN.md §4), in pack order: the one
+// list the module's buffers, the pack file, the Python bindings and duquant-inspect walk. A pack
+// file reserves "<layer>.<field>" for every field, used by the config or not, so that reading a
+// file never has to guess who owns a tensor.
+struct LayerTensorField {
+  const char* name;
+  torch::Tensor LayerPack::*member;
+};
+inline constexpr LayerTensorField kLayerTensorFields[] = {
+    {"qweight", &LayerPack::qweight}, {"w_scale", &LayerPack::w_scale}, {"perm", &LayerPack::perm},
+    {"r_in", &LayerPack::r_in},       {"r_out", &LayerPack::r_out},     {"bias", &LayerPack::bias},
+    {"act_scale", &LayerPack::act_scale}, {"calib_state", &LayerPack::calib_state},
+};
+
 // Shapes and dtypes of the tensors of a pack for this layer size and config, all zero-filled
 // (calib_state/act_scale too). Used to build empty modules that a state_dict or pack file fills.
 LayerPack empty_layer_pack(int64_t in_features, int64_t out_features, bool has_bias, const Config& config,

@@ -19,18 +19,6 @@ constexpr const char* kFormatName = "duquant";
 constexpr const char* kVersionKey = "format_version";
 constexpr const char* kDuquantKey = "duquant";
 
-struct LayerField {
-  const char* name;
-  torch::Tensor LayerPack::*member;
-};
-
-// Every tensor a layer can own; "<layer>.<field>" names are reserved for the layer whether or not
-// its config uses the field, so that reading a file never has to guess who owns a tensor.
-const LayerField kLayerFields[] = {
-    {"qweight", &LayerPack::qweight}, {"w_scale", &LayerPack::w_scale}, {"perm", &LayerPack::perm},
-    {"r_in", &LayerPack::r_in},       {"r_out", &LayerPack::r_out},     {"bias", &LayerPack::bias},
-    {"act_scale", &LayerPack::act_scale}, {"calib_state", &LayerPack::calib_state},
-};
 
 // Whether a layer with this config (and bias or not) stores `field`; mirrors LayerPack::validate.
 bool field_used(const std::string& field, const Config& c, bool has_bias) {
@@ -134,7 +122,7 @@ void write_pack(const std::string& path, const std::vector<PackedLayer>& layers,
     if (layers_json.contains(layer.name))
       throw std::invalid_argument(cannot + "layer " + in_quotes(layer.name) + " appears twice");
     layer.pack.validate(path + ": layer " + in_quotes(layer.name));
-    for (const auto& field : kLayerFields) {
+    for (const auto& field : kLayerTensorFields) {
       const std::string tensor_name = layer.name + "." + field.name;
       claim(tensor_name, "layer " + in_quotes(layer.name));
       const torch::Tensor& t = layer.pack.*field.member;
@@ -220,7 +208,7 @@ PackFile PackFile::open(const std::string& path) {
     shapes.config = info.config;
     shapes.in_features = info.in_features;
     shapes.out_features = info.out_features;
-    for (const auto& field : kLayerFields) {
+    for (const auto& field : kLayerTensorFields) {
       const std::string tensor_name = name + "." + field.name;
       claimed.insert(tensor_name);
       const bool used = field_used(field.name, info.config, info.has_bias);
@@ -274,7 +262,7 @@ LayerPack PackFile::load_layer(const std::string& name, const torch::Device& dev
   p.in_features = info.in_features;
   p.out_features = info.out_features;
   // open() checked that exactly the used tensors are present, with the right dtypes and shapes.
-  for (const auto& field : kLayerFields) {
+  for (const auto& field : kLayerTensorFields) {
     const std::string tensor_name = name + "." + field.name;
     if (file_->contains(tensor_name)) p.*field.member = tensor(tensor_name).to(device);
   }

@@ -19,17 +19,8 @@ void DuQuantLinearImpl::register_pack(LayerPack pack) {
   config_ = pack.config;
   in_features_ = pack.in_features;
   out_features_ = pack.out_features;
-  auto reg = [this](const char* name, torch::Tensor& slot, const torch::Tensor& t) {
-    if (t.defined()) slot = register_buffer(name, t);
-  };
-  reg("qweight", qweight_, pack.qweight);
-  reg("w_scale", w_scale_, pack.w_scale);
-  reg("perm", perm_, pack.perm);
-  reg("r_in", r_in_, pack.r_in);
-  reg("r_out", r_out_, pack.r_out);
-  reg("bias", bias_, pack.bias);
-  reg("act_scale", act_scale_, pack.act_scale);
-  reg("calib_state", calib_state_, pack.calib_state);
+  for (const auto& field : kLayerTensorFields)
+    if ((pack.*field.member).defined()) register_buffer(field.name, pack.*field.member);
 }
 
 LayerPack DuQuantLinearImpl::pack() const {
@@ -38,18 +29,9 @@ LayerPack DuQuantLinearImpl::pack() const {
   p.config = config_;
   p.in_features = in_features_;
   p.out_features = out_features_;
-  for (const auto& item : named_buffers(/*recurse=*/false)) {
-    const auto& k = item.key();
-    const auto& v = item.value();
-    if (k == "qweight") p.qweight = v;
-    else if (k == "w_scale") p.w_scale = v;
-    else if (k == "perm") p.perm = v;
-    else if (k == "r_in") p.r_in = v;
-    else if (k == "r_out") p.r_out = v;
-    else if (k == "bias") p.bias = v;
-    else if (k == "act_scale") p.act_scale = v;
-    else if (k == "calib_state") p.calib_state = v;
-  }
+  for (const auto& item : named_buffers(/*recurse=*/false))
+    for (const auto& field : kLayerTensorFields)
+      if (item.key() == field.name) p.*field.member = item.value();
   return p;
 }
 
@@ -93,7 +75,7 @@ std::string DuQuantLinearImpl::execution_path() const {
 
 void DuQuantLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "duquant::DuQuantLinear(in_features=" << in_features_ << ", out_features=" << out_features_
-         << ", bias=" << (bias_.defined() ? "true" : "false") << ", " << config_.describe()
+         << ", bias=" << (named_buffers(/*recurse=*/false).contains("bias") ? "true" : "false") << ", " << config_.describe()
          << ", path=" << execution_path();
   if (config_.needs_calibration()) stream << ", calibrated=" << (known_calibrated_ ? "true" : "pending");
   stream << ")";
