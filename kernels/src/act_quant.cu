@@ -1,6 +1,7 @@
 // The input side of the fast path: read x once, apply the transform stages (smoothing,
 // permutation, block rotations), find each token's scale, write int8 codes (or, weight-only, the
-// transformed activations in x's dtype).
+// transformed activations in x's dtype). act_quant() picks between the one-kernel row path
+// (act_quant_rows.cu) and the two passes here, which take rows too long for it.
 //
 // Two passes, each spread over many CTAs so that one token's row is not one CTA's serial work:
 // rotate_chunk_kernel (grid: column chunks x groups of 16 tokens) rotates a chunk of whole blocks,

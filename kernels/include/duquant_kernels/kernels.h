@@ -38,7 +38,9 @@ struct ActQuantParams {
   float* scales = nullptr;          // [M] out: the scale each token was quantized with
   // Weight-only path: the transformed activations in the input's 16-bit dtype instead of codes.
   void* x_out = nullptr;            // [M, K] (x_dtype), used when abits == 0
-  bool chain = false;  // Hopper: start early, wait in-kernel: the second kernel always, the first at M <= 64 (launch.cuh)
+  // Hopper: start early, wait in-kernel: the two-pass path's second kernel always, the first input
+  // kernel at M <= 64 (launch.cuh)
+  bool chain = false;
   InputKernel kernel = InputKernel::kAuto;
   int num_sms = 132;                // for picking tokens per CTA
   // Scratch of act_quant_workspace_bytes() for the two-pass kernels with dynamic scales: the
