@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build everything against the GPU machine's PyTorch (CUDA), run every test, then the given steps.
-# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [install]
+# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [tiles] [install]
 # nlohmann/CLI11 headers come from .deps/include when the machine has no packages for them.
 set -uo pipefail
 OUT=${1:?output folder}; shift
@@ -18,6 +18,7 @@ for step in "$@"; do
     linear) python3 benchmarks/linear_speed.py --out "$OUT/linear_speed.txt" >"$OUT/linear.log" 2>&1; tail -12 "$OUT/linear.log" ;;
     e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
     breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
+    tiles) python3 benchmarks/gemm_tile_sweep.py >"$OUT/gemm_tiles.txt" 2>&1; cat "$OUT/gemm_tiles.txt" ;;
     breakdown-unchained) DUQUANT_CHAIN_KERNELS=0 python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown_unchained.txt" 2>&1; cat "$OUT/breakdown_unchained.txt" ;;
     install)  # the installed C++ package and the pip package, as a user gets them
       SRC=$PWD

@@ -11,6 +11,10 @@ void bind_fast_path(py::module_& m) {
         "Which input kernels the fast path runs, process-wide: \"auto\" (default), \"rows\" (one kernel, "
         "whole rows in shared memory, wherever a row fits) or \"split\" (two passes over column chunks).");
   m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
+  m.def("set_gemm_tile", &duquant::set_gemm_tile, py::arg("which"),
+        "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
+        "per CTA, k split over 8 warps), \"32x32\", \"64x64\" or \"128x128\".");
+  m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");
   m.def(
       "fast_path_blocker",
       [](int64_t in_features, int64_t out_features, const duquant::Config& config, py::dict tensors) {

@@ -31,6 +31,13 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
 void set_input_kernel(const std::string& which);
 std::string input_kernel();
 
+// Which GEMM tile shape the fast path runs, process-wide, for comparing them in tests and
+// benchmarks: "auto" (the default: picked by M, N and the GPU's SM count), "stream" (16 tokens x
+// 16-32 outputs per CTA, k split over 8 warps: weight streaming), "32x32", "64x64" or "128x128".
+// Anything else throws.
+void set_gemm_tile(const std::string& which);
+std::string gemm_tile();
+
 // The fast path's input kernel alone, for tests: x [T, K] -> (int8 codes [T, K], float32 scales [T]).
 // On CPU tensors it runs the reference's transform and quantizer, so the two can be compared.
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

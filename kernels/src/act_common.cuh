@@ -35,10 +35,16 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
 
 }  // namespace act
 
-// act_quant_rows.cu: the one-kernel input side for rows that fit on one SM.
-// Tokens per CTA for these sizes, or 0 when a row does not fit (then the two-pass kernels run).
-int act_quant_rows_tokens(const ActQuantParams& p);
-cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream);
+// act_quant_rows.cu: the one-kernel input side for rows that fit on one SM. How it runs for given
+// parameters: tokens per CTA (0: a row does not fit, the two-pass kernels run), and whether a
+// cluster of `split` CTAs shares each row (1-2 tokens per CTA, Hopper).
+struct RowsLaunch {
+  int tokens = 0;
+  bool cluster = false;
+  int split = 1;
+};
+RowsLaunch act_quant_rows_plan(const ActQuantParams& p);
+cudaError_t act_quant_rows(const ActQuantParams& p, const RowsLaunch& launch, bool chain, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace duquant

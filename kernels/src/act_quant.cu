@@ -198,28 +198,33 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
 
 bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 
-// Tokens per CTA for the row kernel, or 0 for the two-pass kernels. The row kernel reads x once and
-// writes codes once; under kAuto it runs where a row fits except where, measured on an H200
-// (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens than 2 per SM past M = 128
-// with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
-static int rows_tokens(const ActQuantParams& p) {
-  if (p.kernel == InputKernel::kSplit) return 0;
-  const int tokens = act_quant_rows_tokens(p);
-  if (p.kernel == InputKernel::kAuto && tokens == 1 && p.m > 128 && p.k > 1024) return 0;
-  return tokens;
-}
-
-size_t act_quant_workspace_bytes(const ActQuantParams& p) {
-  if (p.static_scale || p.abits == 0 || !act_quant_supported(p.transform.block) || rows_tokens(p) > 0) return 0;
+// The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
+// where, measured on an H200 (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens
+// than 2 per SM past M = 128 with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
+ActQuantPlan act_quant_plan(const ActQuantParams& p) {
+  ActQuantPlan plan;
+  if (p.kernel != InputKernel::kSplit) {
+    const RowsLaunch rows = act_quant_rows_plan(p);
+    const bool low_m = rows.cluster || rows.tokens == 1;
+    if (rows.tokens > 0 && !(p.kernel == InputKernel::kAuto && low_m && p.m > 128 && p.k > 1024)) {
+      plan.row_tokens = rows.tokens;
+      plan.row_cluster = rows.cluster;
+      plan.row_split = rows.split;
+      return plan;
+    }
+  }
+  if (p.static_scale || p.abits == 0 || !act_quant_supported(p.transform.block)) return plan;
   const SplitLayout l = split_layout(nullptr, p.m, p.k, p.transform.block);
-  return static_cast<size_t>(((p.m * p.k + 63) / 64) * 64 + p.m * l.nchunks) * sizeof(float);
+  plan.workspace_bytes = static_cast<size_t>(((p.m * p.k + 63) / 64) * 64 + p.m * l.nchunks) * sizeof(float);
+  return plan;
 }
 
-cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream) {
+cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
-  if (const int tokens = rows_tokens(p))
-    return act_quant_rows(p, tokens, p.chain && p.m <= kChainFirstKernelMaxM, stream);
+  if (plan.row_tokens > 0)
+    return act_quant_rows(p, RowsLaunch{plan.row_tokens, plan.row_cluster, plan.row_split},
+                          p.chain && p.m <= kChainFirstKernelMaxM, stream);
   const bool one_pass = p.static_scale != nullptr || p.abits == 0;
   if (!act_quant_supported(block) || (!one_pass && p.workspace == nullptr)) return cudaErrorInvalidValue;
   const SplitLayout l = split_layout(p.workspace, p.m, p.k, block);

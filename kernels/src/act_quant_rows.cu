@@ -266,44 +266,16 @@ const DeviceFacts& device_facts() {
 
 template <int T, int NCH, int BS, DType DT>
 cudaError_t launch_rows(const ActQuantParams& p, int split, bool chain, cudaStream_t stream) {
-  auto kernel = rotate_rows_kernel<T, NCH, BS, DT>;
-  const size_t smem = rows_smem_bytes(T, p.k, DT);
-  {
-    // Raising the limit (48 KB without it, static shared memory included) is a host call: once per
-    // kernel and device, off the hot path.
-    static bool raised[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !raised[dev]) {
-      // The most any launch of this kernel needs, within what the device offers (act_quant_rows_tokens
-      // only picks launches that fit).
-      const int64_t longest = static_cast<int64_t>(cluster_variant(T, NCH) ? kMaxCluster * NCH : NCH) * rows_chunk(16);
-      int most = static_cast<int>(rows_smem_bytes(T, longest, DT));
-      const int room = device_facts().smem_optin - kStaticSmemRoom;
-      if (most > room) most = room;
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) raised[dev] = true;
-    }
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((p.m + T - 1) / T), static_cast<unsigned>(split));
-  config.blockDim = dim3(kRowThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (chain) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (split > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n++].val.clusterDim = {1, static_cast<unsigned>(split), 1};
-  }
-  config.attrs = attr;
-  config.numAttrs = n;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  constexpr auto kernel = rotate_rows_kernel<T, NCH, BS, DT>;
+  // The opt-in covers the longest row any launch of this kernel takes, within what the device
+  // offers (act_quant_rows_plan only picks launches that fit).
+  const int64_t longest = static_cast<int64_t>(cluster_variant(T, NCH) ? kMaxCluster * NCH : NCH) * rows_chunk(16);
+  const int most = static_cast<int>(rows_smem_bytes(T, longest, DT));
+  const int room = device_facts().smem_optin - kStaticSmemRoom;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(most < room ? most : room); e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((p.m + T - 1) / T), static_cast<unsigned>(split));
+  return launch_kernel_clustered(kernel, grid, dim3(kRowThreads), rows_smem_bytes(T, p.k, DT), stream, chain,
+                                 dim3(1, static_cast<unsigned>(split), 1), p);
 }
 
 template <int T, int NCH, int BS>
@@ -323,44 +295,43 @@ cudaError_t launch_rows_block(const ActQuantParams& p, int split, bool chain, cu
 
 }  // namespace
 
-int act_quant_rows_tokens(const ActQuantParams& p) {
+RowsLaunch act_quant_rows_plan(const ActQuantParams& p) {
+  RowsLaunch none;
   const int block = p.transform.block;
-  if (block < 1 || block > kRowThreads || p.m < 1) return 0;
+  if (block < 1 || block > kRowThreads || p.m < 1) return none;
   const int64_t nch = (p.k + rows_chunk(block) - 1) / rows_chunk(block);
   // Rows staged must fit in the shared memory the device offers (fp32 rows of 16384 do not on sm_86/89).
   const DeviceFacts& dev = device_facts();
-  auto fits = [&](int tokens) {
-    return nch <= max_chunks(tokens) &&
-           rows_smem_bytes(tokens, p.k, p.x_dtype) + kStaticSmemRoom <= static_cast<size_t>(dev.smem_optin);
+  auto smem_fits = [&](int tokens) {
+    return rows_smem_bytes(tokens, p.k, p.x_dtype) + kStaticSmemRoom <= static_cast<size_t>(dev.smem_optin);
   };
-  // The most tokens per CTA that still gives every SM a CTA; one when M is below the SM count.
+  auto fits = [&](int tokens) { return nch <= max_chunks(tokens) && smem_fits(tokens); };
+  // The most tokens per CTA that still gives every SM a CTA.
   for (int tokens : {16, 8, 4, 2})
-    if (fits(tokens) && (p.m + tokens - 1) / tokens >= p.num_sms) return tokens;
-  return fits(1) ? 1 : 0;
+    if (fits(tokens) && (p.m + tokens - 1) / tokens >= p.num_sms) return RowsLaunch{tokens, false, 1};
+  // Fewer tokens than SMs: on Hopper a cluster of up to 8 CTAs splits each row, as evenly as it
+  // goes, and a CTA takes one token, or two where one would need more CTAs than SMs (a second
+  // wave: M = 64, K = 2048 took 6.3 us at one token per CTA, 4.0 at two on an H200).
+  if (dev.clusters && nch <= kMaxCluster * kClusterChunks && smem_fits(1)) {
+    const int64_t most = nch < kMaxCluster ? nch : kMaxCluster;
+    const int64_t per_cta = (nch + most - 1) / most;
+    const int split = static_cast<int>((nch + per_cta - 1) / per_cta);
+    const bool two = p.m * split > p.num_sms && smem_fits(2);
+    return RowsLaunch{two ? 2 : 1, true, split};
+  }
+  return fits(1) ? RowsLaunch{1, false, 1} : none;
 }
 
-cudaError_t act_quant_rows(const ActQuantParams& p, int tokens, bool chain, cudaStream_t stream) {
-  switch (tokens) {
+cudaError_t act_quant_rows(const ActQuantParams& p, const RowsLaunch& launch, bool chain, cudaStream_t stream) {
+  if (launch.cluster)
+    return launch.tokens == 2 ? launch_rows_block<2, kClusterChunks>(p, launch.split, chain, stream)
+                              : launch_rows_block<1, kClusterChunks>(p, launch.split, chain, stream);
+  switch (launch.tokens) {
     case 16: return launch_rows_block<16>(p, 1, chain, stream);
     case 8: return launch_rows_block<8>(p, 1, chain, stream);
     case 4: return launch_rows_block<4>(p, 1, chain, stream);
     case 2: return launch_rows_block<2>(p, 1, chain, stream);
-    case 1: {
-      // Fewer tokens than SMs: on Hopper a cluster of up to 8 CTAs splits each row, as evenly as it
-      // goes, and a CTA takes one token, or two where one would need more CTAs than SMs (a second
-      // wave: M = 64, K = 2048 took 6.3 us at one token per CTA, 4.0 at two on an H200).
-      const int64_t nch = (p.k + rows_chunk(p.transform.block) - 1) / rows_chunk(p.transform.block);
-      if (device_facts().clusters && nch <= kMaxCluster * kClusterChunks) {
-        const int64_t most = nch < kMaxCluster ? nch : kMaxCluster;
-        const int64_t per_cta = (nch + most - 1) / most;
-        const int split = static_cast<int>((nch + per_cta - 1) / per_cta);
-        auto ctas = [&](int64_t tokens) { return (p.m + tokens - 1) / tokens * split; };
-        const bool two_fit = rows_smem_bytes(2, p.k, p.x_dtype) + kStaticSmemRoom <= static_cast<size_t>(device_facts().smem_optin);
-        if (ctas(1) <= p.num_sms || !two_fit) return launch_rows_block<1, kClusterChunks>(p, split, chain, stream);
-        return launch_rows_block<2, kClusterChunks>(p, split, chain, stream);
-      }
-      return launch_rows_block<1>(p, 1, chain, stream);
-    }
+    case 1: return launch_rows_block<1>(p, 1, chain, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -73,27 +73,47 @@ __device__ __forceinline__ void store_out(void* y, DType dt, int64_t idx, float 
   }
 }
 
+__device__ __forceinline__ __half2 to_pair(float a, float b, const __half2*) { return __floats2half2_rn(a, b); }
+__device__ __forceinline__ __nv_bfloat162 to_pair(float a, float b, const __nv_bfloat162*) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+// Four 16-bit outputs (Pair: two of them) at element idx of y with one 8-byte store.
+template <class Pair>
+__device__ __forceinline__ void store4_16bit(void* y, int64_t idx, const float (&v)[4]) {
+  const Pair a = to_pair(v[0], v[1], static_cast<const Pair*>(nullptr));
+  const Pair b = to_pair(v[2], v[3], static_cast<const Pair*>(nullptr));
+  uint2 u;
+  u.x = *reinterpret_cast<const uint32_t*>(&a);
+  u.y = *reinterpret_cast<const uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(static_cast<unsigned char*>(y) + 2 * idx) = u;
+}
+
 // Four consecutive outputs (idx a multiple of 4, the row length too) with one store.
 __device__ __forceinline__ void store_out4(void* y, DType dt, int64_t idx, const float (&v)[4]) {
   switch (dt) {
-    case DType::kFloat16: {
-      const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
-      uint2 u;
-      u.x = *reinterpret_cast<const uint32_t*>(&a);
-      u.y = *reinterpret_cast<const uint32_t*>(&b);
-      *reinterpret_cast<uint2*>(static_cast<__half*>(y) + idx) = u;
-      break;
-    }
-    case DType::kBFloat16: {
-      const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
-      uint2 u;
-      u.x = *reinterpret_cast<const uint32_t*>(&a);
-      u.y = *reinterpret_cast<const uint32_t*>(&b);
-      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(y) + idx) = u;
-      break;
-    }
+    case DType::kFloat16: store4_16bit<__half2>(y, idx, v); break;
+    case DType::kBFloat16: store4_16bit<__nv_bfloat162>(y, idx, v); break;
     default: *reinterpret_cast<float4*>(static_cast<float*>(y) + idx) = make_float4(v[0], v[1], v[2], v[3]); break;
   }
+}
+
+// One pipeline stage's operand tiles for a tile shape T (int_gemm.cu's Tile, wo_gemm.cu's WoTile):
+// BM activation rows of T::A_ROW bytes and BN weight rows of T::B_ROW bytes, at k stage `stage`,
+// into shared-memory slot `slot`. Activation rows are `a_row_bytes` long (K x element size), `lda`
+// bytes apart; weight rows are `w_row_bytes` long and dense.
+template <class T>
+__device__ __forceinline__ void load_stage_a(unsigned char* smem, const unsigned char* a, int64_t lda,
+                                             int64_t a_row_bytes, int64_t m, int64_t m0, int stage, int slot) {
+  load_tile_async<T::BM, T::A_ROW, T::A_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES, a, lda, m, a_row_bytes, m0,
+                                                             static_cast<int64_t>(stage) * T::A_ROW);
+}
+template <class T>
+__device__ __forceinline__ void load_stage_b(unsigned char* smem, const unsigned char* w, int64_t w_row_bytes,
+                                             int64_t n, int64_t n0, int stage, int slot) {
+  load_tile_async<T::BN, T::B_ROW, T::B_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES + T::A_BYTES, w,
+                                                             w_row_bytes, n, w_row_bytes, n0,
+                                                             static_cast<int64_t>(stage) * T::B_ROW);
 }
 
 // The cp.async pipeline of both GEMMs. The first stages' weights are requested before the chain
@@ -282,20 +302,11 @@ constexpr int deepest_stages() {
   return s > 6 ? 6 : s;
 }
 
-// Launches a GEMM kernel with `smem` bytes of dynamic shared memory on a grid of BM x BN tiles.
-// Raising the shared-memory limit is a host call: once per kernel and device, off the hot path.
+// Launches a GEMM kernel with `smem` bytes of dynamic shared memory (fixed per kernel) on a grid of
+// BM x BN tiles.
 template <auto Kernel, int BM, int BN>
 cudaError_t launch_gemm(int smem, int threads, const IntGemmParams& p, cudaStream_t stream) {
-  if (smem > 48 * 1024) {
-    static bool raised[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !raised[dev]) {
-      cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) raised[dev] = true;
-    }
-  }
+  if (cudaError_t e = allow_dynamic_smem<Kernel>(smem); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
   return launch_kernel(Kernel, grid, dim3(threads), smem, stream, p.chain, p);
 }

@@ -41,10 +41,12 @@ __device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uin
 
 // BM x BN output tile per CTA; WM x WN x WK warps (WK > 1 splits each stage's k range among warps
 // and sums their partial tiles in shared memory); STAGES-deep cp.async pipeline.
-template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+template <int BM_, int BN_, int WM, int WN, int WK, int STAGES, int WBITS>
 struct Tile {
+  static constexpr int BM = BM_, BN = BN_;
   static constexpr int kThreads = 32 * WM * WN * WK;
   static constexpr int KS = 128 * WK;  // k per stage
+  static constexpr int A_ROW = KS;     // bytes of an activation row per stage
   static constexpr int MT = BM / WM / 16;
   static constexpr int NT = BN / WN / 8;
   static constexpr bool kInt4 = WBITS <= 4;
@@ -77,15 +79,8 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   const auto* w_g = static_cast<const unsigned char*>(p.w);
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
-  auto load_a = [&](int stage, int slot) {
-    load_tile_async<BM, T::KS, T::A_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES, a_g, p.a_stride, p.m, p.k,
-                                                         m0, static_cast<int64_t>(stage) * T::KS);
-  };
-  auto load_b = [&](int stage, int slot) {
-    load_tile_async<BN, T::B_ROW, T::B_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES + T::A_BYTES, w_g,
-                                                            w_row_bytes, p.n, w_row_bytes, n0,
-                                                            static_cast<int64_t>(stage) * T::B_ROW);
-  };
+  auto load_a = [&](int stage, int slot) { load_stage_a<T>(smem, a_g, p.a_stride, p.k, p.m, m0, stage, slot); };
+  auto load_b = [&](int stage, int slot) { load_stage_b<T>(smem, w_g, w_row_bytes, p.n, n0, stage, slot); };
 
   const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
 
@@ -180,30 +175,41 @@ cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream);
 }
 
-template <int WBITS>
-cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
-  const int bo = p.r_out ? p.block_out : 1;
+// The tile shape kAuto runs for these sizes.
+GemmTile auto_tile(const IntGemmParams& p) {
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   // Weight streaming: narrow tiles so even N = 2048 spreads over every SM, k split over 8 warps.
   // Also up to M = 256 where 32x32 tiles would leave half the SMs idle (N <= 1024 at M = 64, N <= 2048
   // at M = 32, N <= 256 at M = 256): 1.5-4 us faster per layer there on an H200, slower where 32x32
   // tiles fill the GPU.
-  if (p.m <= 16 || (p.m <= 256 && 2 * ctas(32, 32) <= p.num_sms)) {
-    const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
-    // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
-    constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
-    constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 3, WBITS>>();
-    if (p.k >= 8192)
-      return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, stream);
-    return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
-  }
+  if (p.m <= 16 || (p.m <= 256 && 2 * ctas(32, 32) <= p.num_sms)) return GemmTile::kStream;
   // Otherwise the largest tile that still gives every SM a CTA: a 128x128 tile on a quarter of the
   // SMs is slower than 32x32 tiles on all of them.
-  if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+  if (ctas(128, 128) >= p.num_sms) return GemmTile::kTile128;
   // Up to M = 512, 32x32 tiles on every SM beat 64x64 tiles on nearly all of them (H200, M = 512:
   // 4096->1024 28 us against 34, 2048->256 9 against 20).
-  if (ctas(64, 64) >= p.num_sms || p.m > 512) return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
-  return launch<32, 32, 2, 1, 4, 3, WBITS>(p, stream);
+  if (ctas(64, 64) >= p.num_sms || p.m > 512) return GemmTile::kTile64;
+  return GemmTile::kTile32;
+}
+
+template <int WBITS>
+cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
+  switch (p.tile == GemmTile::kAuto ? auto_tile(p) : p.tile) {
+    case GemmTile::kStream: {
+      const int bo = p.r_out ? p.block_out : 1;
+      const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+      // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
+      constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
+      constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 3, WBITS>>();
+      if (p.k >= 8192)
+        return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, stream);
+      return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
+    }
+    case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS>(p, stream);
+    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
+    case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace

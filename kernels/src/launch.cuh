@@ -25,20 +25,53 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Launches `kernel` with cudaLaunchKernelEx: chained (see above) when `chained`, in clusters of
+// `cluster` CTAs when that is more than one.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          bool chained, Args&&... args) {
+cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                    bool chained, dim3 cluster, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (chained) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n++].val.clusterDim.z = cluster.z;
+  }
   config.attrs = attr;
-  config.numAttrs = chained ? 1 : 0;
+  config.numAttrs = n;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          bool chained, Args&&... args) {
+  return launch_kernel_clustered(kernel, grid, block, smem, stream, chained, dim3(1, 1, 1), std::forward<Args>(args)...);
+}
+
+// Lets Kernel take up to `bytes` of dynamic shared memory (past 48 KB that needs opting in). A host
+// call, so done once per kernel and device, off the hot path: `bytes` must be the most any launch
+// of Kernel asks for. Templated on the kernel so each one keeps its own flags.
+template <auto Kernel>
+cudaError_t allow_dynamic_smem(int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  static bool raised[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 64 && raised[dev]) return cudaSuccess;
+  e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && dev < 64) raised[dev] = true;
+  return e;
 }
 
 }  // namespace kernels

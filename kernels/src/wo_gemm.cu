@@ -52,10 +52,12 @@ __device__ __forceinline__ uint32_t nibble_pair(uint32_t u) {
   }
 }
 
-template <int BM, int BN, int WM, int WN, int WK, int STAGES>
+template <int BM_, int BN_, int WM, int WN, int WK, int STAGES>
 struct WoTile {
+  static constexpr int BM = BM_, BN = BN_;
   static constexpr int kThreads = 32 * WM * WN * WK;
   static constexpr int KS = 128 * WK;
+  static constexpr int A_ROW = 2 * KS;  // bytes of an activation row per stage
   static constexpr int MT = BM / WM / 16;
   static constexpr int NT = BN / WN / 8;
   static constexpr int A_STRIDE = 2 * KS + 32;  // bytes; rows land on distinct bank groups
@@ -86,15 +88,8 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
   const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
 
   // Activations are 2 bytes each: rows of 2 K bytes, KS activations (2 KS bytes) per stage.
-  auto load_a = [&](int stage, int slot) {
-    load_tile_async<BM, 2 * T::KS, T::A_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES, a_g, 2 * p.a_stride, p.m,
-                                                             2 * p.k, m0, 2 * static_cast<int64_t>(stage) * T::KS);
-  };
-  auto load_b = [&](int stage, int slot) {
-    load_tile_async<BN, T::B_ROW, T::B_STRIDE, T::kThreads>(smem + slot * T::STAGE_BYTES + T::A_BYTES, w_g,
-                                                            w_row_bytes, p.n, w_row_bytes, n0,
-                                                            static_cast<int64_t>(stage) * T::B_ROW);
-  };
+  auto load_a = [&](int stage, int slot) { load_stage_a<T>(smem, a_g, 2 * p.a_stride, 2 * p.k, p.m, m0, stage, slot); };
+  auto load_b = [&](int stage, int slot) { load_stage_b<T>(smem, w_g, w_row_bytes, p.n, n0, stage, slot); };
 
   const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
 
@@ -183,19 +178,29 @@ bool wo_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int bloc
 
 cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const int bo = p.r_out ? p.block_out : 1;
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
-  if (p.m <= 16) {
-    const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
-    // 16-bit activations make a stage twice the integer GEMM's: fewer of them fit.
-    constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 3>>();
-    constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 3>>();
-    if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
-    return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
+  GemmTile tile = p.tile;
+  if (tile == GemmTile::kAuto) {
+    tile = p.m <= 16                                    ? GemmTile::kStream
+           : ctas(128, 128) >= p.num_sms                ? GemmTile::kTile128
+           : ctas(64, 64) >= p.num_sms || p.m > 256     ? GemmTile::kTile64
+                                                        : GemmTile::kTile32;
   }
-  if (ctas(128, 128) >= p.num_sms) return launch<128, 128, 2, 4, 1, 3>(p, stream);
-  if (ctas(64, 64) >= p.num_sms || p.m > 256) return launch<64, 64, 2, 2, 2, 3>(p, stream);
-  return launch<32, 32, 2, 1, 4, 3>(p, stream);
+  switch (tile) {
+    case GemmTile::kStream: {
+      const int bo = p.r_out ? p.block_out : 1;
+      const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+      // 16-bit activations make a stage twice the integer GEMM's: fewer of them fit.
+      constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 3>>();
+      constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 3>>();
+      if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
+      return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
+    }
+    case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3>(p, stream);
+    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3>(p, stream);
+    case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 3>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace kernels

@@ -1,5 +1,6 @@
 #include "duquant/fast_path.h"
 
+#include <array>
 #include <atomic>
 
 #include "duquant/act_quant.h"
@@ -12,22 +13,45 @@
 namespace duquant {
 
 namespace {
-const char* const kInputKernels[] = {"auto", "split", "rows"};  // index = kernels::InputKernel
-std::atomic<int> g_input_kernel{0};
+
+// A process-wide choice among named kernels, for tests and benchmarks to force one; index 0 is
+// "auto", and an index is the matching kernels:: enum value.
+template <size_t N>
+class KernelChoice {
+ public:
+  KernelChoice(const char* what, std::array<const char*, N> names) : what_(what), names_(names) {}
+  void set(const std::string& which) {
+    for (size_t i = 0; i < N; ++i)
+      if (which == names_[i]) {
+        index_ = static_cast<int>(i);
+        return;
+      }
+    std::string allowed;
+    for (size_t i = 0; i < N; ++i)
+      allowed += std::string(i == 0 ? "" : i + 1 == N ? " or " : ", ") + "\"" + names_[i] + "\"";
+    TORCH_CHECK(false, what_, " must be ", allowed, ", got \"", which, "\"");
+  }
+  std::string name() const { return names_[index_.load()]; }
+  int index() const { return index_.load(); }
+
+ private:
+  const char* what_;
+  std::array<const char*, N> names_;
+  std::atomic<int> index_{0};
+};
+
+KernelChoice<3> g_input_kernel("input kernel", {"auto", "split", "rows"});  // kernels::InputKernel
+KernelChoice<5> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128"});  // kernels::GemmTile
+
 }  // namespace
 
-void set_input_kernel(const std::string& which) {
-  for (int i = 0; i < 3; ++i)
-    if (which == kInputKernels[i]) {
-      g_input_kernel = i;
-      return;
-    }
-  TORCH_CHECK(false, "input kernel must be \"auto\", \"rows\" or \"split\", got \"", which, "\"");
-}
+void set_input_kernel(const std::string& which) { g_input_kernel.set(which); }
+std::string input_kernel() { return g_input_kernel.name(); }
+int input_kernel_index() { return g_input_kernel.index(); }
 
-std::string input_kernel() { return kInputKernels[g_input_kernel.load()]; }
-
-int input_kernel_index() { return g_input_kernel.load(); }
+void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }
+std::string gemm_tile() { return g_gemm_tile.name(); }
+int gemm_tile_index() { return g_gemm_tile.index(); }
 
 bool fast_path_built() {
 #ifdef DUQUANT_WITH_CUDA

@@ -66,13 +66,13 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   p.chain = chain_kernels(x2d.device());
   p.kernel = static_cast<kernels::InputKernel>(input_kernel_index());
   p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
-  const size_t ws = kernels::act_quant_workspace_bytes(p);
+  const kernels::ActQuantPlan plan = kernels::act_quant_plan(p);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
-  if (ws > 0) {
-    workspace = torch::empty({static_cast<int64_t>(ws)}, x2d.options().dtype(torch::kUInt8));
+  if (plan.workspace_bytes > 0) {
+    workspace = torch::empty({static_cast<int64_t>(plan.workspace_bytes)}, x2d.options().dtype(torch::kUInt8));
     p.workspace = workspace.data_ptr();
   }
-  check(kernels::act_quant(p, stream), "input kernel launch");
+  check(kernels::act_quant(p, plan, stream), "input kernel launch");
 }
 
 torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
@@ -134,6 +134,7 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   p.n = n;
   p.k = k;
   p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
   p.chain = chain_kernels(x.device());
   check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, stream), "GEMM launch");
 

@@ -12,6 +12,8 @@ namespace duquant {
 
 // set_input_kernel()'s choice as a kernels::InputKernel value (src/fast/fast_path.cpp).
 int input_kernel_index();
+// set_gemm_tile()'s choice as a kernels::GemmTile value.
+int gemm_tile_index();
 
 namespace cuda_fast {
 

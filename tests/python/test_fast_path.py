@@ -31,6 +31,15 @@ def input_kernel(request):
     dq._C.set_input_kernel("auto")
 
 
+@pytest.fixture(params=["auto", "stream", "32x32", "64x64", "128x128"])
+def gemm_tile(request):
+    """Runs a test with the tile shape the GEMM picks by size, and with every tile shape forced (by
+    size alone each would run only at some M)."""
+    dq._C.set_gemm_tile(request.param)
+    yield request.param
+    dq._C.set_gemm_tile("auto")
+
+
 def outlier_input(m, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
@@ -132,7 +141,7 @@ CONFIGS = [
     (129, 512, 384, False), (300, 1000, 2048, True),
     (201, 96, 512, True),  # streaming tiles past M = 128 (N small enough that 32x32 tiles idle SMs)
 ])
-def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias):
+def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     config = dq.Config(**cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, bias, seed=n * k + m), config).cuda()
     assert layer.execution_path == "cuda", layer.execution_path
@@ -199,7 +208,7 @@ def test_long_rows_small_batch(cfg, wide):
     (1, 256, 512, dict()), (7, 200, 96, dict(wbits=3)), (33, 250, 1024, dict(block_out=8)),
     (129, 512, 384, dict(row_rot="none", permute=False)), (300, 1000, 2048, dict(block_size=32, block_out=32)),
 ])
-def test_weight_only_matches_float64(dtype, m, n, k, cfg):
+def test_weight_only_matches_float64(dtype, m, n, k, cfg, gemm_tile):
     """W4A16: the GEMM against float64 from the same 16-bit transformed activations."""
     config = dq.Config(abits=0, **cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=n + k), config)

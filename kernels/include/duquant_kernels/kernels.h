@@ -43,7 +43,7 @@ struct ActQuantParams {
   bool chain = false;
   InputKernel kernel = InputKernel::kAuto;
   int num_sms = 132;                // for picking tokens per CTA
-  // Scratch of act_quant_workspace_bytes() for the two-pass kernels with dynamic scales: the
+  // Scratch of ActQuantPlan::workspace_bytes for the two-pass kernels with dynamic scales: the
   // rotated values and per-chunk maxima, between the passes.
   void* workspace = nullptr;
 };
@@ -51,13 +51,26 @@ struct ActQuantParams {
 // True for block sizes the input kernels take (B <= 256: a chunk holds whole blocks).
 bool act_quant_supported(int block);
 
-// Bytes of scratch act_quant needs for these parameters (0 when it needs none).
-size_t act_quant_workspace_bytes(const ActQuantParams& p);
+// What act_quant launches for given parameters, and the scratch it needs: decided once per call
+// (it consults the device's facts), then passed to act_quant.
+struct ActQuantPlan {
+  int row_tokens = 0;          // tokens per CTA of the one-kernel row path; 0 = the two passes
+  bool row_cluster = false;    // the row path's cluster variant (1-2 tokens per CTA, Hopper)
+  int row_split = 1;           // CTAs of a cluster sharing each row
+  size_t workspace_bytes = 0;  // scratch the two passes need with dynamic scales (else 0)
+};
+ActQuantPlan act_quant_plan(const ActQuantParams& p);
 
-// Launches the input kernel(s); returns the launch status.
-cudaError_t act_quant(const ActQuantParams& p, cudaStream_t stream);
+// Launches the input kernel(s) `plan` names (act_quant_plan of the same parameters); returns the
+// launch status.
+cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStream_t stream);
 
 // ---- integer GEMM with the DuQuant epilogue ----
+// Which tile shape the GEMMs run: kAuto picks by M, N and the SM count (int_gemm.cu, wo_gemm.cu);
+// the others force one, for tests and benchmarks. kStream: 16 tokens x 16 or 32 outputs per CTA,
+// the k range split over 8 warps (weight streaming at small M); kTileMxN: M x N tiles.
+enum class GemmTile : int { kAuto = 0, kStream = 1, kTile32 = 2, kTile64 = 3, kTile128 = 4 };
+
 // y[m, n] = restore( s_t[m] * s_n[n] * sum_k a[m, k] * w[n, k] ) + bias[n], cast to out_dtype.
 // a: int8 codes [M, a_stride].
 // w: wbits <= 4: uint8 [N, K/2], two's-complement nibbles, column 2j in the low nibble (the pack's
@@ -77,6 +90,7 @@ struct IntGemmParams {
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
+  GemmTile tile = GemmTile::kAuto;
   bool chain = false;               // launched right after the input kernels: start early, wait in-kernel
   // Weight-only GEMM (wo_gemm): the transformed activations in float16/bfloat16 instead of codes;
   // a_scale is then nullptr.

@@ -1,0 +1,38 @@
+"""_C.set_input_kernel and _C.set_gemm_tile: the switches benchmarks and the fast-path tests use to
+compare kernels. Run without a GPU (the switches are process state)."""
+import pytest
+
+import duquant_ext as dq
+
+SWITCHES = [
+    (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "auto")),
+    (dq._C.set_gemm_tile, dq._C.gemm_tile, ("stream", "32x32", "64x64", "128x128", "auto")),
+]
+
+
+@pytest.mark.parametrize("setter,getter,names", SWITCHES, ids=["input_kernel", "gemm_tile"])
+def test_round_trips_and_defaults_to_auto(setter, getter, names):
+    assert getter() == "auto"
+    try:
+        for which in names:
+            setter(which)
+            assert getter() == which
+    finally:
+        setter("auto")
+
+
+def test_unknown_input_kernel_is_refused_and_changes_nothing():
+    with pytest.raises(RuntimeError, match=r'input kernel must be "auto", "split" or "rows", got "fused"'):
+        dq._C.set_input_kernel("fused")
+    assert dq._C.input_kernel() == "auto"
+
+
+def test_unknown_gemm_tile_is_refused_and_changes_nothing():
+    dq._C.set_gemm_tile("64x64")
+    try:
+        with pytest.raises(RuntimeError, match=r'GEMM tile must be "auto", "stream", "32x32", "64x64" or "128x128", '
+                                               r'got "256x128"'):
+            dq._C.set_gemm_tile("256x128")
+        assert dq._C.gemm_tile() == "64x64"
+    finally:
+        dq._C.set_gemm_tile("auto")
