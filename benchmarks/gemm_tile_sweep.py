@@ -1,10 +1,11 @@
-"""Which GEMM tile shape is fastest where: every W4A8 layer shape of linear_speed.py at small and
-medium token counts, timed with each tile shape forced (_C.set_gemm_tile) and with the automatic
-choice, against bf16 nn.Linear. Timed as linear_speed.py times (CUDA graphs, weights replicated past
+"""Which GEMM tile shape and split-k count are fastest where: every W4A8 layer shape of
+linear_speed.py at small and medium token counts, timed with each tile shape and split count forced
+(_C.set_gemm_tile, _C.set_gemm_splits) and with the automatic choice, against bf16 nn.Linear. Each
+tile column shows its fastest split count as time/splits. Timed as linear_speed.py times (CUDA graphs, weights replicated past
 the L2 so they come from DRAM as in a real model). A tuning aid for the tile rule in
 kernels/src/int_gemm.cu; benchmarks/linear_speed.py is the benchmark of record.
 
-    PYTHONPATH=build/python python3 benchmarks/gemm_tile_sweep.py [--m 16,32,50,64,128,256]
+    PYTHONPATH=build/python python3 benchmarks/gemm_tile_sweep.py [--m 1,16,50,64,128,256] [--splits 1,2,4,8]
 """
 import argparse
 import copy
@@ -26,7 +27,8 @@ def replicas(module, rotate_bytes, max_copies):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", default="16,32,50,64,128,256", help="token counts (comma-separated)")
+    ap.add_argument("--m", default="1,16,50,64,128,256", help="token counts (comma-separated)")
+    ap.add_argument("--splits", default="1,2,4,8", help="split-k counts to try per tile (comma-separated)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rotate-l2", type=float, default=4.0,
                     help="replicate weights until the copies span this many L2 sizes")
@@ -37,10 +39,12 @@ def main():
         return
     props = torch.cuda.get_device_properties(0)
     rotate_bytes = args.rotate_l2 * getattr(props, "L2_cache_size", 50 << 20)
+    split_counts = [int(v) for v in args.splits.split(",")]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, W4A8, bf16 input; µs per call "
-          f"(median of {args.repeats}); best = fastest forced tile")
-    print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>8}" for t in TILES)
-          + f" {'auto':>7} {'best':>8} {'auto/best':>9}", flush=True)
+          f"(median of {args.repeats}); tile columns: fastest time/its split count; 1-split: fastest unsplit; "
+          f"best = fastest forced tile and split")
+    print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>10}" for t in TILES)
+          + f" {'1-split':>8} {'auto':>7} {'best':>10} {'auto/best':>9}", flush=True)
     try:
         for k, n in LLM_SHAPES + EXPERT_SHAPES:
             lin = nn.Linear(k, n, bias=False)
@@ -52,15 +56,26 @@ def main():
                 with torch.no_grad():
                     t_bf16 = time_graph(theirs, x, args.repeats, 2.0)[0]
                     t = {}
-                    for tile in TILES + ["auto"]:  # the switch is read when a graph is captured
-                        dq._C.set_gemm_tile(tile)
-                        t[tile] = time_graph(ours, x, args.repeats, 2.0)[0]
-                best = min(TILES, key=lambda name: t[name])
-                print(f"{k:>5}->{n:<6} {m:>4} {t_bf16:>7.1f} " + " ".join(f"{t[name]:>8.1f}" for name in TILES)
-                      + f" {t['auto']:>7.1f} {best:>8} {t['auto'] / t[best]:>9.2f}", flush=True)
+                    for tile in TILES:  # the switches are read when a graph is captured
+                        for splits in split_counts:
+                            dq._C.set_gemm_tile(tile)
+                            dq._C.set_gemm_splits(splits)
+                            t[tile, splits] = time_graph(ours, x, args.repeats, 2.0)[0]
+                    dq._C.set_gemm_tile("auto")
+                    dq._C.set_gemm_splits(0)
+                    t_auto = time_graph(ours, x, args.repeats, 2.0)[0]
+                cells = []
+                for tile in TILES:
+                    s_best = min(split_counts, key=lambda c: t[tile, c])
+                    cells.append(f"{t[tile, s_best]:>7.1f}/{s_best:<2}")
+                unsplit = min(t[tile, 1] for tile in TILES) if 1 in split_counts else float("nan")
+                best = min(t, key=t.get)
+                print(f"{k:>5}->{n:<6} {m:>4} {t_bf16:>7.1f} " + " ".join(cells) + f" {unsplit:>8.1f} {t_auto:>7.1f} "
+                      f"{best[0] + '/' + str(best[1]):>10} {t_auto / t[best]:>9.2f}", flush=True)
             del ours, theirs
     finally:
         dq._C.set_gemm_tile("auto")
+        dq._C.set_gemm_splits(0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ void bind_fast_path(py::module_& m) {
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
         "per CTA, k split over 8 warps), \"32x32\", \"64x64\" or \"128x128\".");
   m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");
+  m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
+        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM, process-wide: 0 (default) "
+        "picks by size, 1..64 forces that many (at most one per pipeline stage).");
+  m.def("gemm_splits", &duquant::gemm_splits, "The split-k count set by set_gemm_splits (0: by size).");
   m.def(
       "fast_path_blocker",
       [](int64_t in_features, int64_t out_features, const duquant::Config& config, py::dict tensors) {

@@ -38,6 +38,12 @@ std::string input_kernel();
 void set_gemm_tile(const std::string& which);
 std::string gemm_tile();
 
+// How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (split-k), process-wide,
+// for tests and benchmarks: 0 (the default) picks by size, 1..64 forces that many (at most one
+// per pipeline stage of k). Anything else throws.
+void set_gemm_splits(int64_t splits);
+int gemm_splits();
+
 // The fast path's input kernel alone, for tests: x [T, K] -> (int8 codes [T, K], float32 scales [T]).
 // On CPU tensors it runs the reference's transform and quantizer, so the two can be compared.
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

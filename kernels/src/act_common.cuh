@@ -33,6 +33,13 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
   return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
 }
 
+// Zeroes what the GEMM after the input kernels needs zeroed (its split-k arrival counters): the
+// first CTA, after the chain wait (until then the memory may still be another kernel's).
+__device__ __forceinline__ void clear_for_gemm(const ActQuantParams& p) {
+  if (p.clear_count > 0 && blockIdx.x == 0 && blockIdx.y == 0)
+    for (int i = threadIdx.x; i < p.clear_count; i += blockDim.x) p.clear[i] = 0;
+}
+
 }  // namespace act
 
 // act_quant_rows.cu: the one-kernel input side for rows that fit on one SM. How it runs for given

@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kThreads) rotate_chunk_kernel(ActQuantParams p
     const int64_t src = active ? (p.transform.perm ? __ldg(p.transform.perm + o) : o) : 0;
     const float smooth = active && p.transform.smooth ? __ldg(p.transform.smooth + src) : 1.f;
     pdl_wait();
+    act::clear_for_gemm(p);
     float v[kSplitRows];
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r)

@@ -121,6 +121,7 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
   ChunkInputs<BS> cur, nxt;
   fetch_chunk<BS>(tr, c_begin * chunk + t, t < chunk && c_begin * chunk + t < k, cur);
   pdl_wait();
+  act::clear_for_gemm(p);
   stage_rows<DT>(p, row0, rows, xs, pitch);
 
   // Rotated values accumulate in place (no per-chunk temporaries: 128 registers a thread at 512

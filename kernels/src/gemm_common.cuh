@@ -291,6 +291,40 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
   }
 }
 
+// Split-k: the CTAs along grid z share an output tile's k range, `stages` pipeline stages each.
+struct SplitK {
+  int stages = 0;
+  int* counters = nullptr;  // [tiles] arrivals per output tile, zero at launch
+  int* partials = nullptr;  // [splits][tiles][BM * BN] integer partial sums
+};
+
+// Split-k's meeting point, for a CTA holding its partial sums in tile_i (BM x BN ints, STRIDE per
+// row): writes them to the workspace; the CTA that arrives last for this output tile then adds
+// every slice's partial into tile_i and gets true, the others false (they are done). Integer sums:
+// exact whichever CTA comes last. The fences are the threadFenceReduction pattern of the CUDA
+// programming guide: partials visible device-wide before the arrival is counted.
+template <int BM, int BN, int STRIDE, int THREADS>
+__device__ __forceinline__ bool split_k_gather(const SplitK& sk, int* tile_i) {
+  __shared__ int last;
+  const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  int* mine = sk.partials + (blockIdx.z * tiles + tile) * (BM * BN);
+  for (int e = threadIdx.x; e < BM * BN; e += THREADS) __stcg(mine + e, tile_i[(e / BN) * STRIDE + e % BN]);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(sk.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+  for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+    int sum = 0;
+    for (unsigned z = 0; z < gridDim.z; ++z) sum += __ldcg(sk.partials + (z * tiles + tile) * (BM * BN) + e);
+    tile_i[(e / BN) * STRIDE + e % BN] = sum;
+  }
+  __syncthreads();
+  return true;
+}
+
 // Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
 constexpr int kMaxSmemBytes = 227 * 1024;
 
@@ -303,12 +337,13 @@ constexpr int deepest_stages() {
 }
 
 // Launches a GEMM kernel with `smem` bytes of dynamic shared memory (fixed per kernel) on a grid of
-// BM x BN tiles.
-template <auto Kernel, int BM, int BN>
-cudaError_t launch_gemm(int smem, int threads, const IntGemmParams& p, cudaStream_t stream) {
+// BM x BN tiles, `splits` deep along z; `extra` follows the parameters as kernel arguments.
+template <auto Kernel, int BM, int BN, typename... Extra>
+cudaError_t launch_gemm(int smem, int threads, const IntGemmParams& p, cudaStream_t stream, unsigned splits,
+                        const Extra&... extra) {
   if (cudaError_t e = allow_dynamic_smem<Kernel>(smem); e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM));
-  return launch_kernel(Kernel, grid, dim3(threads), smem, stream, p.chain, p);
+  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + BM - 1) / BM), splits);
+  return launch_kernel(Kernel, grid, dim3(threads), smem, stream, p.chain, p, extra...);
 }
 
 }  // namespace gemm

@@ -65,7 +65,7 @@ struct Tile {
 
 template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
 __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThreads)
-    int_gemm_kernel(IntGemmParams p) {
+    int_gemm_kernel(IntGemmParams p, SplitK sk) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
@@ -77,10 +77,16 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   const int64_t w_row_bytes = T::kInt4 ? p.k / 2 : p.k;
   const auto* a_g = reinterpret_cast<const unsigned char*>(p.a);
   const auto* w_g = static_cast<const unsigned char*>(p.w);
-  const int num_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
+  // Split-k (grid z > 1): this CTA's slice of the k range, sk.stages stages from stage0.
+  const bool split = gridDim.z > 1;
+  const int all_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
+  const int stage0 = split ? static_cast<int>(blockIdx.z) * sk.stages : 0;
+  const int num_stages = split ? min(sk.stages, all_stages - stage0) : all_stages;
 
-  auto load_a = [&](int stage, int slot) { load_stage_a<T>(smem, a_g, p.a_stride, p.k, p.m, m0, stage, slot); };
-  auto load_b = [&](int stage, int slot) { load_stage_b<T>(smem, w_g, w_row_bytes, p.n, n0, stage, slot); };
+  auto load_a = [&](int stage, int slot) {
+    load_stage_a<T>(smem, a_g, p.a_stride, p.k, p.m, m0, stage0 + stage, slot);
+  };
+  auto load_b = [&](int stage, int slot) { load_stage_b<T>(smem, w_g, w_row_bytes, p.n, n0, stage0 + stage, slot); };
 
   const Epilogue<BM, BN> ep(smem + T::BODY_BYTES);
 
@@ -147,18 +153,25 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   auto scaled = [&](int raw, int r, int c) {
     return static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * ep.st[r] * ep.sn[c];
   };
-  if constexpr (WK == 1) {
+  if (WK == 1 && !split) {
     // One partial per output: scaled straight from the registers.
     for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
       tile_f[r * T::Epi::kStride + c] = scaled(acc[i][j][e], r, c);
     });
   } else {
-    for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_i[e] = 0;
+    if constexpr (WK == 1) {
+      for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
+        tile_i[r * T::Epi::kStride + c] = acc[i][j][e];
+      });
+    } else {
+      for (int e = tid; e < BM * T::Epi::kStride; e += T::kThreads) tile_i[e] = 0;
+      __syncthreads();
+      for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
+        atomicAdd(&tile_i[r * T::Epi::kStride + c], acc[i][j][e]);
+      });
+    }
     __syncthreads();
-    for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
-      atomicAdd(&tile_i[r * T::Epi::kStride + c], acc[i][j][e]);
-    });
-    __syncthreads();
+    if (split && !split_k_gather<BM, BN, T::Epi::kStride, T::kThreads>(sk, tile_i)) return;  // not the last slice
     for (int e = tid; e < BM * BN; e += T::kThreads) {
       const int r = e / BN, c = e % BN;
       tile_f[r * T::Epi::kStride + c] = scaled(tile_i[r * T::Epi::kStride + c], r, c);
@@ -168,11 +181,40 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
 }
 
+// Counters come first in the split-k workspace, padded so the partial sums start 256-byte aligned.
+constexpr int64_t split_counter_ints(int64_t counters) { return (counters + 63) / 64 * 64; }
+
 template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
-cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
+cudaError_t launch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
   static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
-  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream);
+  SplitK sk;
+  if (plan.splits > 1) {
+    sk.stages = plan.stages_per_split;
+    sk.counters = static_cast<int*>(p.workspace);
+    sk.partials = sk.counters + split_counter_ints(plan.counters);
+  }
+  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(
+      T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk);
+}
+
+// The weight-streaming tile is 32 outputs wide where Bo needs it or 16-wide tiles would exceed one per SM.
+bool stream_wide(const IntGemmParams& p) {
+  const int bo = p.r_out ? p.block_out : 1;
+  return bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+}
+
+// Output rows and columns per CTA, and k per pipeline stage, of each tile shape (dispatch below).
+struct TileGeometry {
+  int bm, bn, ks;
+};
+TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
+  switch (tile) {
+    case GemmTile::kStream: return {16, stream_wide(p) ? 32 : 16, 1024};
+    case GemmTile::kTile32: return {32, 32, 512};
+    case GemmTile::kTile64: return {64, 64, 256};
+    default: return {128, 128, 128};
+  }
 }
 
 // The tile shape kAuto runs for these sizes.
@@ -193,26 +235,56 @@ GemmTile auto_tile(const IntGemmParams& p) {
 }
 
 template <int WBITS>
-cudaError_t dispatch(const IntGemmParams& p, cudaStream_t stream) {
-  switch (p.tile == GemmTile::kAuto ? auto_tile(p) : p.tile) {
+cudaError_t dispatch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
+  switch (plan.tile) {
     case GemmTile::kStream: {
-      const int bo = p.r_out ? p.block_out : 1;
-      const bool wide = bo > 16 || (p.n + 31) / 32 >= p.num_sms;
+      const bool wide = stream_wide(p);
       // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
       constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
       constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 3, WBITS>>();
       if (p.k >= 8192)
-        return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, stream);
-      return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, stream);
+        return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, plan, stream)
+                    : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, plan, stream);
+      return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, plan, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, plan, stream);
     }
-    case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS>(p, stream);
-    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3, WBITS>(p, stream);
-    case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS>(p, stream);
+    case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS>(p, plan, stream);
+    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3, WBITS>(p, plan, stream);
+    case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
+
+IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
+  IntGemmPlan plan;
+  auto tiles_of = [&](const TileGeometry& g) { return ((p.m + g.bm - 1) / g.bm) * ((p.n + g.bn - 1) / g.bn); };
+  // Long rows past the streaming tiles' M (down_proj-like, K >= 8192) where 64x64 tiles leave SMs
+  // idle: 64x64 tiles with the k range split as far as two CTAs per SM stay resident, at most 8
+  // ways: time follows each CTA's chain of stages (benchmarks/gemm_tile_sweep.py, H200,
+  // 16384->2048: M = 50 57.6 -> 38.9 us at 8 slices, 48.8 at 7; M = 64 65.6 -> 47.0; M = 128
+  // 80.2 -> 71.8 at 4; M = 256 143.6 -> 122.7 at 2). Elsewhere splitting measured no faster, or slower.
+  const TileGeometry g64 = geometry(GemmTile::kTile64, p);
+  const bool long_rows = p.m > 16 && p.k >= 8192 && tiles_of(g64) < p.num_sms;
+  plan.tile = p.tile != GemmTile::kAuto ? p.tile : long_rows ? GemmTile::kTile64 : auto_tile(p);
+  const TileGeometry g = geometry(plan.tile, p);
+  const int64_t tiles = tiles_of(g);
+  const int64_t stages = (p.k + g.ks - 1) / g.ks;
+  int64_t want = p.splits;
+  if (want == 0) {
+    const bool split = long_rows && plan.tile == GemmTile::kTile64;
+    want = split ? std::min<int64_t>(8, 2 * p.num_sms / tiles) : 1;
+  }
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, stages, 65535}));
+  plan.stages_per_split = static_cast<int>((stages + splits - 1) / splits);
+  plan.splits = static_cast<int>((stages + plan.stages_per_split - 1) / plan.stages_per_split);  // none empty
+  if (plan.splits > 1) {
+    plan.counters = static_cast<int>(tiles);
+    plan.workspace_bytes =
+        static_cast<size_t>(split_counter_ints(tiles) + plan.splits * tiles * g.bm * g.bn) * sizeof(int);
+  }
+  return plan;
+}
 
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out) {
   if (k <= 0 || n <= 0 || k % 32 != 0 || wbits < 2 || wbits > 8) return false;
@@ -221,9 +293,10 @@ bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int blo
   return true;
 }
 
-cudaError_t int_gemm(const IntGemmParams& p, cudaStream_t stream) {
+cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  return p.wbits <= 4 ? dispatch<4>(p, stream) : dispatch<8>(p, stream);
+  if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  return p.wbits <= 4 ? dispatch<4>(p, plan, stream) : dispatch<8>(p, plan, stream);
 }
 
 }  // namespace kernels

@@ -165,9 +165,9 @@ cudaError_t launch(const IntGemmParams& p, cudaStream_t stream) {
   using T = WoTile<BM, BN, WM, WN, WK, STAGES>;
   static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
   return p.a16_dtype == DType::kBFloat16
-             ? launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, true>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream)
+             ? launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, true>, BM, BN>(T::SMEM_BYTES, T::kThreads, p, stream, 1)
              : launch_gemm<wo_gemm_kernel<BM, BN, WM, WN, WK, STAGES, false>, BM, BN>(T::SMEM_BYTES, T::kThreads, p,
-                                                                                        stream);
+                                                                                        stream, 1);
 }
 
 }  // namespace

@@ -42,6 +42,7 @@ class KernelChoice {
 
 KernelChoice<3> g_input_kernel("input kernel", {"auto", "split", "rows"});  // kernels::InputKernel
 KernelChoice<5> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128"});  // kernels::GemmTile
+std::atomic<int> g_gemm_splits{0};
 
 }  // namespace
 
@@ -52,6 +53,12 @@ int input_kernel_index() { return g_input_kernel.index(); }
 void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }
 std::string gemm_tile() { return g_gemm_tile.name(); }
 int gemm_tile_index() { return g_gemm_tile.index(); }
+
+void set_gemm_splits(int64_t splits) {
+  TORCH_CHECK(splits >= 0 && splits <= 64, "GEMM splits must be 0 (picked by size) or 1..64, got ", splits);
+  g_gemm_splits = static_cast<int>(splits);
+}
+int gemm_splits() { return g_gemm_splits.load(); }
 
 bool fast_path_built() {
 #ifdef DUQUANT_WITH_CUDA

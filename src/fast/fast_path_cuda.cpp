@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "duquant/fast_path.h"
 #include "duquant/reference_forward.h"
 #include "duquant_kernels/kernels.h"
 
@@ -42,10 +43,12 @@ bool chain_kernels(const torch::Device& device) {
 }
 
 // Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T]; with abits = 0
-// it fills x_out [T, K] (x's dtype) with the transformed activations instead.
+// it fills x_out [T, K] (x's dtype) with the transformed activations instead. Also zeroes
+// clear[0, clear_count) for the GEMM after it.
 void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const torch::Tensor& r_in,
                       const torch::Tensor& static_scale, int64_t abits, torch::Tensor& codes, torch::Tensor& scales,
-                      cudaStream_t stream, const torch::Tensor& x_out = torch::Tensor()) {
+                      cudaStream_t stream, const torch::Tensor& x_out = torch::Tensor(), int* clear = nullptr,
+                      int clear_count = 0) {
   kernels::ActQuantParams p;
   p.x = x2d.data_ptr();
   p.x_dtype = kernel_dtype(x2d.scalar_type());
@@ -65,6 +68,8 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   }
   p.chain = chain_kernels(x2d.device());
   p.kernel = static_cast<kernels::InputKernel>(input_kernel_index());
+  p.clear = clear;
+  p.clear_count = clear_count;
   p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
   const kernels::ActQuantPlan plan = kernels::act_quant_plan(p);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
@@ -108,9 +113,6 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
     codes = torch::empty({m, k}, x.options().dtype(torch::kInt8));
     scales = torch::empty({m}, x.options().dtype(torch::kFloat32));
   }
-  run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
-                   weight_only ? 0 : cfg.abits, codes, scales, stream, xt);
-
   auto y = torch::empty({m, n}, x.options());
   kernels::IntGemmParams p;
   if (weight_only) {
@@ -135,8 +137,22 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   p.k = k;
   p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
   p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
+  p.splits = gemm_splits();
   p.chain = chain_kernels(x.device());
-  check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, stream), "GEMM launch");
+
+  // Split-k scratch: from the caching allocator (stream-ordered, graph-safe); its counters are
+  // zeroed by the input kernel, so no memset joins the chain of kernels.
+  kernels::IntGemmPlan plan;
+  if (!weight_only) plan = kernels::int_gemm_plan(p);
+  torch::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    workspace = torch::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(torch::kUInt8));
+    p.workspace = workspace.data_ptr();
+  }
+  run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
+                   weight_only ? 0 : cfg.abits, codes, scales, stream, xt, static_cast<int*>(p.workspace),
+                   plan.counters);
+  check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, plan, stream), "GEMM launch");
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;

@@ -101,6 +101,7 @@ def restore64(y, r_out):
     # long for it (the two passes run)
     (2500, 2048, 16, False), (1100, 3072, 16, False), (700, 1000, 16, True), (300, 16384, 16, False),
     (3, 16384, 16, False), (200, 4096, 16, False), (101, 16384, 16, False), (2, 40000, 16, False),
+    (600, 6000, 16, False),  # 4 tokens per CTA, 12 chunks each
 ])
 def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
     x = outlier_input(m, k, dtype, seed=m + k)
@@ -142,6 +143,35 @@ CONFIGS = [
     (201, 96, 512, True),  # streaming tiles past M = 128 (N small enough that 32x32 tiles idle SMs)
 ])
 def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
+    check_gemm_against_float64(cfg, m, n, k, bias)
+
+
+@pytest.fixture
+def forced_gemm():
+    """Forces a GEMM tile and split-k count for one test: yields a setter, restores auto after."""
+    def force(tile, splits):
+        dq._C.set_gemm_tile(tile)
+        dq._C.set_gemm_splits(splits)
+    yield force
+    dq._C.set_gemm_tile("auto")
+    dq._C.set_gemm_splits(0)
+
+
+@pytest.mark.parametrize("tile", ["stream", "32x32", "64x64", "128x128"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("cfg,m,n,k", [
+    (dict(), 5, 200, 2048), (dict(), 50, 1000, 4096), (dict(wbits=8, block_out=32, block_size=32), 33, 96, 2080),
+], ids=["w4a8-small", "w4a8-m50", "w8a8-bo32-odd-k"])
+def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm):
+    """Split-k: the k range of each output tile over several CTAs, the last one to finish summing
+    the partials; its counters must be clear again for the next call (checked by running twice)."""
+    forced_gemm(tile, splits)
+    y = check_gemm_against_float64(cfg, m, n, k, True)
+    assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
+
+
+def check_gemm_against_float64(cfg, m, n, k, bias):
+    """A CUDA layer's output against float64 from the kernels' own activation codes; returns it."""
     config = dq.Config(**cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, bias, seed=n * k + m), config).cuda()
     assert layer.execution_path == "cuda", layer.execution_path
@@ -157,6 +187,7 @@ def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
         expect = expect + layer.bias.cpu().double()
     err = (y - expect).norm() / expect.norm()
     assert err < 1e-5, f"relative error {err:.3g}"
+    return y
 
 
 # ---- whole layers against the reference path -----------------------------------------------------

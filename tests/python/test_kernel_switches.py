@@ -36,3 +36,16 @@ def test_unknown_gemm_tile_is_refused_and_changes_nothing():
         assert dq._C.gemm_tile() == "64x64"
     finally:
         dq._C.set_gemm_tile("auto")
+
+
+def test_gemm_splits_round_trip_and_range():
+    assert dq._C.gemm_splits() == 0
+    try:
+        dq._C.set_gemm_splits(4)
+        assert dq._C.gemm_splits() == 4
+        for bad in (-1, 65):
+            with pytest.raises(RuntimeError, match=r"GEMM splits must be 0 \(picked by size\) or 1\.\.64, got " + str(bad)):
+                dq._C.set_gemm_splits(bad)
+        assert dq._C.gemm_splits() == 4
+    finally:
+        dq._C.set_gemm_splits(0)

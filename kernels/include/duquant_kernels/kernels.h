@@ -43,6 +43,10 @@ struct ActQuantParams {
   bool chain = false;
   InputKernel kernel = InputKernel::kAuto;
   int num_sms = 132;                // for picking tokens per CTA
+  // Ints the GEMM launched after these kernels needs zeroed (its split-k counters, IntGemmPlan);
+  // cleared once the input is ready to read.
+  int* clear = nullptr;
+  int clear_count = 0;
   // Scratch of ActQuantPlan::workspace_bytes for the two-pass kernels with dynamic scales: the
   // rotated values and per-chunk maxima, between the passes.
   void* workspace = nullptr;
@@ -91,6 +95,10 @@ struct IntGemmParams {
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
   GemmTile tile = GemmTile::kAuto;
+  int splits = 0;                   // CTAs sharing each output tile's k range; 0 = picked by size
+  // Split-k scratch of IntGemmPlan::workspace_bytes: per-tile arrival counters (zero when the
+  // GEMM starts: the input kernels clear them) followed by the k slices' partial sums.
+  void* workspace = nullptr;
   bool chain = false;               // launched right after the input kernels: start early, wait in-kernel
   // Weight-only GEMM (wo_gemm): the transformed activations in float16/bfloat16 instead of codes;
   // a_scale is then nullptr.
@@ -100,7 +108,20 @@ struct IntGemmParams {
 
 // True when the GEMM kernels can run these sizes (K % 32 == 0, Bo divides a tile width).
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
-cudaError_t int_gemm(const IntGemmParams& p, cudaStream_t stream);
+
+// How int_gemm runs for given parameters (decided once per call, passed to int_gemm). Where the
+// tiles alone leave SMs idle, `splits` CTAs share each output tile's k range: each writes its
+// integer partial sums to the workspace, and the last to arrive adds them up (in k order, exact)
+// and runs the epilogue. The workspace's first `counters` ints must be zero at launch.
+struct IntGemmPlan {
+  GemmTile tile = GemmTile::kStream;
+  int splits = 1;
+  int stages_per_split = 0;  // pipeline stages (k chunks) per slice
+  int counters = 0;          // output tiles (0 when splits == 1)
+  size_t workspace_bytes = 0;
+};
+IntGemmPlan int_gemm_plan(const IntGemmParams& p);
+cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream);
 
 // Weight-only: y = restore( s_n[n] * sum_k a16[m, k] * w[n, k] ) + bias, int4 weights (wbits 2..4).
 bool wo_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
