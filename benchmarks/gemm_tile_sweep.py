@@ -1,7 +1,7 @@
 """Which GEMM tile shape and split-k count are fastest where: every W4A8 layer shape of
 linear_speed.py at small and medium token counts, timed with each tile shape and split count forced
-(_C.set_gemm_tile, _C.set_gemm_splits) and with the automatic choice, against bf16 nn.Linear. Each
-tile column shows its fastest split count as time/splits. Timed as linear_speed.py times (CUDA graphs, weights replicated past
+(_C.set_gemm_tile, _C.set_gemm_splits; only 64x64 tiles split) and with the automatic choice,
+against bf16 nn.Linear. Each tile column shows its fastest split count as time/splits. Timed as linear_speed.py times (CUDA graphs, weights replicated past
 the L2 so they come from DRAM as in a real model). A tuning aid for the tile rule in
 kernels/src/int_gemm.cu; benchmarks/linear_speed.py is the benchmark of record.
 
@@ -17,7 +17,7 @@ from torch import nn
 import duquant_ext as dq
 from linear_speed import EXPERT_SHAPES, LLM_SHAPES, module_bytes, time_graph
 
-TILES = ["stream", "32x32", "64x64", "128x128"]
+TILES = ["stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
 
 
 def replicas(module, rotate_bytes, max_copies):
@@ -57,7 +57,7 @@ def main():
                     t_bf16 = time_graph(theirs, x, args.repeats, 2.0)[0]
                     t = {}
                     for tile in TILES:  # the switches are read when a graph is captured
-                        for splits in split_counts:
+                        for splits in split_counts if tile == "64x64" else [1]:  # the one tile that splits
                             dq._C.set_gemm_tile(tile)
                             dq._C.set_gemm_splits(splits)
                             t[tile, splits] = time_graph(ours, x, args.repeats, 2.0)[0]
@@ -66,7 +66,7 @@ def main():
                     t_auto = time_graph(ours, x, args.repeats, 2.0)[0]
                 cells = []
                 for tile in TILES:
-                    s_best = min(split_counts, key=lambda c: t[tile, c])
+                    s_best = min((c for c in split_counts if (tile, c) in t), key=lambda c: t[tile, c])
                     cells.append(f"{t[tile, s_best]:>7.1f}/{s_best:<2}")
                 unsplit = min(t[tile, 1] for tile in TILES) if 1 in split_counts else float("nan")
                 best = min(t, key=t.get)

@@ -13,11 +13,14 @@ void bind_fast_path(py::module_& m) {
   m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
   m.def("set_gemm_tile", &duquant::set_gemm_tile, py::arg("which"),
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
-        "per CTA, k split over 8 warps), \"32x32\", \"64x64\" or \"128x128\".");
+        "per CTA, k split over 8 warps), \"32x32\", \"64x64\", \"128x128\", \"wgmma128\" or \"wgmma256\" "
+        "(Hopper, int4 weights; where they cannot run, \"auto\").");
+  m.def("wgmma_gemm_available", &duquant::wgmma_gemm_available,
+        "True when the build has the wgmma GEMM (sm_90a code) and the current CUDA device can run it.");
   m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
-        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM, process-wide: 0 (default) "
-        "picks by size, 1..64 forces that many (at most one per pipeline stage).");
+        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles only), "
+        "process-wide: 0 (default) picks by size, 1..64 forces that many (at most one per pipeline stage).");
   m.def("gemm_splits", &duquant::gemm_splits, "The split-k count set by set_gemm_splits (0: by size).");
   m.def(
       "fast_path_blocker",

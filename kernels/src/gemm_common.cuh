@@ -61,6 +61,14 @@ __device__ __forceinline__ void for_each_acc(int wm, int wn, int g, int t, F&& f
         f(wm * (BM / WM) + i * 16 + g + (e >= 2 ? 8 : 0), wn * (BN / WN) + j * 8 + 2 * t + (e & 1), i, j, e);
 }
 
+// 8 packed nibbles (k = 0..7, low nibble first) -> two int8x4 registers holding 16 x value.
+__device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t even = (w << 4) & 0xF0F0F0F0u;  // nibbles 0, 2, 4, 6 in the high halves of bytes 0..3
+  const uint32_t odd = w & 0xF0F0F0F0u;          // nibbles 1, 3, 5, 7
+  lo = __byte_perm(even, odd, 0x5140);           // k 0, 1, 2, 3
+  hi = __byte_perm(even, odd, 0x7362);           // k 4, 5, 6, 7
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -324,6 +332,12 @@ __device__ __forceinline__ bool split_k_gather(const SplitK& sk, int* tile_i) {
   __syncthreads();
   return true;
 }
+
+// int_gemm_wgmma.cu: the large-M kernel on Hopper's warpgroup MMA, in builds with sm_90a code
+// (DUQUANT_KERNELS_WGMMA). Usable on compute capability 9.0 with int4 weights.
+bool wgmma_gemm_usable(const IntGemmParams& p);
+// 128 x bn output tiles, bn 128 or 256.
+cudaError_t int_gemm_wgmma(const IntGemmParams& p, int bn, cudaStream_t stream);
 
 // Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
 constexpr int kMaxSmemBytes = 227 * 1024;

@@ -31,14 +31,6 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// 8 packed nibbles (k = 0..7, low nibble first) -> two int8x4 registers holding 16 x value.
-__device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  const uint32_t even = (w << 4) & 0xF0F0F0F0u;  // nibbles 0, 2, 4, 6 in the high halves of bytes 0..3
-  const uint32_t odd = w & 0xF0F0F0F0u;          // nibbles 1, 3, 5, 7
-  lo = __byte_perm(even, odd, 0x5140);           // k 0, 1, 2, 3
-  hi = __byte_perm(even, odd, 0x7362);           // k 4, 5, 6, 7
-}
-
 // BM x BN output tile per CTA; WM x WN x WK warps (WK > 1 splits each stage's k range among warps
 // and sums their partial tiles in shared memory); STAGES-deep cp.async pipeline.
 template <int BM_, int BN_, int WM, int WN, int WK, int STAGES, int WBITS>
@@ -63,7 +55,9 @@ struct Tile {
   static_assert(MT >= 1 && NT >= 1 && BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "tile shape");
 };
 
-template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+// SPLIT: a split-k variant (grid z > 1 slices the k range); compiled apart so the plain kernels
+// keep their registers (the runtime branch cost the streaming tiles 16 registers and up to 3 us).
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT>
 __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThreads)
     int_gemm_kernel(IntGemmParams p, SplitK sk) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
@@ -77,11 +71,10 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   const int64_t w_row_bytes = T::kInt4 ? p.k / 2 : p.k;
   const auto* a_g = reinterpret_cast<const unsigned char*>(p.a);
   const auto* w_g = static_cast<const unsigned char*>(p.w);
-  // Split-k (grid z > 1): this CTA's slice of the k range, sk.stages stages from stage0.
-  const bool split = gridDim.z > 1;
+  // Split-k: this CTA's slice of the k range, sk.stages stages from stage0.
   const int all_stages = static_cast<int>((p.k + T::KS - 1) / T::KS);
-  const int stage0 = split ? static_cast<int>(blockIdx.z) * sk.stages : 0;
-  const int num_stages = split ? min(sk.stages, all_stages - stage0) : all_stages;
+  const int stage0 = SPLIT ? static_cast<int>(blockIdx.z) * sk.stages : 0;
+  const int num_stages = SPLIT ? min(sk.stages, all_stages - stage0) : all_stages;
 
   auto load_a = [&](int stage, int slot) {
     load_stage_a<T>(smem, a_g, p.a_stride, p.k, p.m, m0, stage0 + stage, slot);
@@ -153,7 +146,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   auto scaled = [&](int raw, int r, int c) {
     return static_cast<float>(T::kInt4 ? (raw >> 4) : raw) * ep.st[r] * ep.sn[c];
   };
-  if (WK == 1 && !split) {
+  if constexpr (WK == 1 && !SPLIT) {
     // One partial per output: scaled straight from the registers.
     for_each_acc<BM, BN, WM, WN, T::MT, T::NT>(wm, wn, g, t, [&](int r, int c, int i, int j, int e) {
       tile_f[r * T::Epi::kStride + c] = scaled(acc[i][j][e], r, c);
@@ -171,7 +164,9 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
       });
     }
     __syncthreads();
-    if (split && !split_k_gather<BM, BN, T::Epi::kStride, T::kThreads>(sk, tile_i)) return;  // not the last slice
+    if constexpr (SPLIT) {
+      if (!split_k_gather<BM, BN, T::Epi::kStride, T::kThreads>(sk, tile_i)) return;  // not the last slice
+    }
     for (int e = tid; e < BM * BN; e += T::kThreads) {
       const int r = e / BN, c = e % BN;
       tile_f[r * T::Epi::kStride + c] = scaled(tile_i[r * T::Epi::kStride + c], r, c);
@@ -181,20 +176,30 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
   restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
 }
 
+// The wgmma kernel where this build has it (int_gemm_wgmma.cu) and the device and weights suit it.
+bool wgmma_usable(const IntGemmParams& p) {
+#ifdef DUQUANT_KERNELS_WGMMA
+  return wgmma_gemm_usable(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // Counters come first in the split-k workspace, padded so the partial sums start 256-byte aligned.
 constexpr int64_t split_counter_ints(int64_t counters) { return (counters + 63) / 64 * 64; }
 
-template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS>
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT = false>
 cudaError_t launch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
   static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
   SplitK sk;
-  if (plan.splits > 1) {
+  if constexpr (SPLIT) {
     sk.stages = plan.stages_per_split;
     sk.counters = static_cast<int*>(p.workspace);
     sk.partials = sk.counters + split_counter_ints(plan.counters);
   }
-  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS>, BM, BN>(
+  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS, SPLIT>, BM, BN>(
       T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk);
 }
 
@@ -213,7 +218,8 @@ TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
     case GemmTile::kStream: return {16, stream_wide(p) ? 32 : 16, 1024};
     case GemmTile::kTile32: return {32, 32, 512};
     case GemmTile::kTile64: return {64, 64, 256};
-    default: return {128, 128, 128};
+    case GemmTile::kWgmma256: return {128, 256, 128};
+    default: return {128, 128, 128};  // kTile128, kWgmma128
   }
 }
 
@@ -248,7 +254,9 @@ cudaError_t dispatch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
       return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, plan, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, plan, stream);
     }
     case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS>(p, plan, stream);
-    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3, WBITS>(p, plan, stream);
+    case GemmTile::kTile64:
+      return plan.splits > 1 ? launch<64, 64, 2, 2, 2, 3, WBITS, true>(p, plan, stream)
+                             : launch<64, 64, 2, 2, 2, 3, WBITS>(p, plan, stream);
     case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS>(p, plan, stream);
     default: return cudaErrorInvalidValue;
   }
@@ -267,10 +275,23 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const TileGeometry g64 = geometry(GemmTile::kTile64, p);
   const bool long_rows = p.m > 16 && p.k >= 8192 && tiles_of(g64) < p.num_sms;
   plan.tile = p.tile != GemmTile::kAuto ? p.tile : long_rows ? GemmTile::kTile64 : auto_tile(p);
+  const bool wgmma = plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256;
+  if (wgmma && !wgmma_usable(p)) plan.tile = auto_tile(p);
+  // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
+  // one, the wider where it can (benchmarks/gemm_tile_sweep.py, H200: it won every such cell,
+  // 2048->16384 at M = 4096 713 us against 1064 for 128x128 mma.sync tiles; with fewer tiles the
+  // mma.sync kernels' 32x32 and 64x64 tiles, or split-k, win; at M <= 64 on 2048->16384, where
+  // N alone makes enough tiles, it took 26-29 us against 14-25 for the streaming tiles).
+  if (p.tile == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_usable(p)) {
+    auto nearly_all = [&](int bn) { return 8 * tiles_of(TileGeometry{128, bn, 128}) >= 7 * p.num_sms; };
+    if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
+    else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
+  }
   const TileGeometry g = geometry(plan.tile, p);
   const int64_t tiles = tiles_of(g);
   const int64_t stages = (p.k + g.ks - 1) / g.ks;
   int64_t want = p.splits;
+  if (plan.tile != GemmTile::kTile64) want = 1;  // the one tile with a split-k variant
   if (want == 0) {
     const bool split = long_rows && plan.tile == GemmTile::kTile64;
     want = split ? std::min<int64_t>(8, 2 * p.num_sms / tiles) : 1;
@@ -293,9 +314,18 @@ bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int blo
   return true;
 }
 
+bool wgmma_gemm_available() {
+  IntGemmParams p;
+  return wgmma_usable(p);
+}
+
 cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+#ifdef DUQUANT_KERNELS_WGMMA
+  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256)
+    return int_gemm_wgmma(p, plan.tile == GemmTile::kWgmma256 ? 256 : 128, stream);
+#endif
   return p.wbits <= 4 ? dispatch<4>(p, plan, stream) : dispatch<8>(p, plan, stream);
 }
 

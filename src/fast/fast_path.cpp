@@ -41,7 +41,8 @@ class KernelChoice {
 };
 
 KernelChoice<3> g_input_kernel("input kernel", {"auto", "split", "rows"});  // kernels::InputKernel
-KernelChoice<5> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128"});  // kernels::GemmTile
+KernelChoice<7> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
+                                          "wgmma256"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
 
 }  // namespace
@@ -59,6 +60,14 @@ void set_gemm_splits(int64_t splits) {
   g_gemm_splits = static_cast<int>(splits);
 }
 int gemm_splits() { return g_gemm_splits.load(); }
+
+bool wgmma_gemm_available() {
+#ifdef DUQUANT_WITH_CUDA
+  return cuda_fast::wgmma_available();
+#else
+  return false;
+#endif
+}
 
 bool fast_path_built() {
 #ifdef DUQUANT_WITH_CUDA

@@ -173,5 +173,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d
   return {codes, scales};
 }
 
+bool wgmma_available() { return torch::cuda::is_available() && kernels::wgmma_gemm_available(); }
+
 }  // namespace cuda_fast
 }  // namespace duquant

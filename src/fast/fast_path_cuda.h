@@ -23,6 +23,8 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer);
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,
                                                         const torch::Tensor& r_in, const torch::Tensor& static_scale,
                                                         int64_t abits);
+// True when the build has the wgmma GEMM and the current CUDA device can run it.
+bool wgmma_available();
 
 }  // namespace cuda_fast
 }  // namespace duquant

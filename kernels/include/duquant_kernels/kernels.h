@@ -72,8 +72,14 @@ cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStr
 // ---- integer GEMM with the DuQuant epilogue ----
 // Which tile shape the GEMMs run: kAuto picks by M, N and the SM count (int_gemm.cu, wo_gemm.cu);
 // the others force one, for tests and benchmarks. kStream: 16 tokens x 16 or 32 outputs per CTA,
-// the k range split over 8 warps (weight streaming at small M); kTileMxN: M x N tiles.
-enum class GemmTile : int { kAuto = 0, kStream = 1, kTile32 = 2, kTile64 = 3, kTile128 = 4 };
+// the k range split over 8 warps (weight streaming at small M); kTileMxN: M x N tiles (mma.sync);
+// kWgmma128/256: 128 x 128 or 128 x 256 tiles on Hopper's warpgroup MMA (int4 weights, compute
+// capability 9.0, builds with sm_90a code: wgmma_gemm_available(); where it cannot run, forcing one
+// picks by size).
+enum class GemmTile : int { kAuto = 0, kStream = 1, kTile32 = 2, kTile64 = 3, kTile128 = 4, kWgmma128 = 5, kWgmma256 = 6 };
+
+// True when this build has the wgmma kernel and the current device can run it.
+bool wgmma_gemm_available();
 
 // y[m, n] = restore( s_t[m] * s_n[n] * sum_k a[m, k] * w[n, k] ) + bias[n], cast to out_dtype.
 // a: int8 codes [M, a_stride].
@@ -95,7 +101,7 @@ struct IntGemmParams {
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
   GemmTile tile = GemmTile::kAuto;
-  int splits = 0;                   // CTAs sharing each output tile's k range; 0 = picked by size
+  int splits = 0;                   // CTAs sharing each output tile's k range (64x64 tiles only); 0 = by size
   // Split-k scratch of IntGemmPlan::workspace_bytes: per-tile arrival counters (zero when the
   // GEMM starts: the input kernels clear them) followed by the k slices' partial sums.
   void* workspace = nullptr;
