@@ -270,19 +270,20 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   // Long rows past the streaming tiles' M (down_proj-like, K >= 8192) where 64x64 tiles leave SMs
   // idle: 64x64 tiles with the k range split as far as two CTAs per SM stay resident, at most 8
   // ways: time follows each CTA's chain of stages (benchmarks/gemm_tile_sweep.py, H200,
-  // 16384->2048: M = 50 57.6 -> 38.9 us at 8 slices, 48.8 at 7; M = 64 65.6 -> 47.0; M = 128
-  // 80.2 -> 71.8 at 4; M = 256 143.6 -> 122.7 at 2). Elsewhere splitting measured no faster, or slower.
+  // 16384->2048: M = 50 57.5 -> 38.9 us at 8 slices, 48.8 at 7; M = 64 65.6 -> 47.0; M = 256
+  // 143.8 -> 122.6 at 2). Elsewhere splitting measured no faster, or slower.
   const TileGeometry g64 = geometry(GemmTile::kTile64, p);
   const bool long_rows = p.m > 16 && p.k >= 8192 && tiles_of(g64) < p.num_sms;
-  plan.tile = p.tile != GemmTile::kAuto ? p.tile : long_rows ? GemmTile::kTile64 : auto_tile(p);
-  const bool wgmma = plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256;
-  if (wgmma && !wgmma_usable(p)) plan.tile = auto_tile(p);
+  // A forced wgmma tile that cannot run here (device, build, weights) means "auto".
+  GemmTile forced = p.tile;
+  if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_usable(p)) forced = GemmTile::kAuto;
+  plan.tile = forced != GemmTile::kAuto ? forced : long_rows ? GemmTile::kTile64 : auto_tile(p);
   // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
   // one, the wider where it can (benchmarks/gemm_tile_sweep.py, H200: it won every such cell,
-  // 2048->16384 at M = 4096 713 us against 1064 for 128x128 mma.sync tiles; with fewer tiles the
+  // 2048->16384 at M = 4096 711 us against 1063 for 128x128 mma.sync tiles; with fewer tiles the
   // mma.sync kernels' 32x32 and 64x64 tiles, or split-k, win; at M <= 64 on 2048->16384, where
   // N alone makes enough tiles, it took 26-29 us against 14-25 for the streaming tiles).
-  if (p.tile == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_usable(p)) {
+  if (forced == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_usable(p)) {
     auto nearly_all = [&](int bn) { return 8 * tiles_of(TileGeometry{128, bn, 128}) >= 7 * p.num_sms; };
     if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
     else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
@@ -294,9 +295,12 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   if (plan.tile != GemmTile::kTile64) want = 1;  // the one tile with a split-k variant
   if (want == 0) {
     const bool split = long_rows && plan.tile == GemmTile::kTile64;
-    want = split ? std::min<int64_t>(8, 2 * p.num_sms / tiles) : 1;
+    want = split && tiles > 0 ? std::min<int64_t>(8, 2 * p.num_sms / tiles) : 1;
   }
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, stages, 65535}));
+  // Forced counts stay within 256 MB of partial sums (64 slices of a large layer would take GBs).
+  const int64_t tile_bytes = std::max<int64_t>(1, tiles * g.bm * g.bn * static_cast<int64_t>(sizeof(int)));
+  const int64_t most = std::max<int64_t>(1, (int64_t{256} << 20) / tile_bytes);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, stages, most, 65535}));
   plan.stages_per_split = static_cast<int>((stages + splits - 1) / splits);
   plan.splits = static_cast<int>((stages + plan.stages_per_split - 1) / plan.stages_per_split);  // none empty
   if (plan.splits > 1) {
@@ -323,8 +327,10 @@ cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
 #ifdef DUQUANT_KERNELS_WGMMA
-  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256)
+  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {
+    if (!wgmma_usable(p)) return cudaErrorInvalidValue;  // a plan made for other weights or another device
     return int_gemm_wgmma(p, plan.tile == GemmTile::kWgmma256 ? 256 : 128, stream);
+  }
 #endif
   return p.wbits <= 4 ? dispatch<4>(p, plan, stream) : dispatch<8>(p, plan, stream);
 }

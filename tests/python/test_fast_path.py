@@ -164,10 +164,10 @@ def forced_gemm():
 @pytest.mark.parametrize("cfg,m,n,k", [
     (dict(), 5, 200, 2048), (dict(), 50, 1000, 4096), (dict(wbits=8, block_out=32, block_size=32), 33, 96, 2080),
 ], ids=["w4a8-small", "w4a8-m50", "w8a8-bo32-odd-k"])
-def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm):
+def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_kernel):
     """Split-k (64x64 tiles; other tiles ignore a forced count): the k range of each output tile
     over several CTAs, the last one to finish summing the partials; its counters must be clear
-    again for the next call (checked by running twice)."""
+    again for the next call (checked by running twice), which each input kernel does."""
     forced_gemm(tile, splits)
     y = check_gemm_against_float64(cfg, m, n, k, True)
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
