@@ -1,6 +1,7 @@
 // duquant_ext._C: Config, LayerPack and the packer for Python. The forward path is reached through
 // the dispatcher ops (torch.ops.duquant.*) registered by the core library.
 #include <algorithm>
+#include <iterator>
 
 #include <pybind11/operators.h>
 #include <torch/extension.h>
@@ -150,6 +151,11 @@ calib_steps=32. Unknown or invalid values raise with the field named.)doc")
 
   // Defaults are None rather than Config() objects: pybind11 3 reprs default values while the
   // module is still initialising, which crashed on PyTorch 2.11.
+  {
+    py::tuple names(std::size(duquant::kLayerTensorFields));
+    for (size_t i = 0; i < std::size(duquant::kLayerTensorFields); ++i) names[i] = duquant::kLayerTensorFields[i].name;
+    m.attr("LAYER_TENSOR_NAMES") = names;  // a layer's tensors in pack order (DESIGN §4): DuQuantLinear's buffers
+  }
   m.def("pack_linear",
         [](const torch::Tensor& weight, c10::optional<torch::Tensor> bias, py::object config,
            const std::string& name) {

@@ -9,7 +9,6 @@
 
 #include "console.h"
 #include "duquant/io/pack_file.h"
-#include "duquant/io/safetensors.h"
 
 using namespace duquant::tools;
 
@@ -50,26 +49,19 @@ int run(int argc, char** argv) {
   }
   if (!std::filesystem::exists(path)) throw std::runtime_error(path + ": no such file");
 
-  const auto pack = duquant::PackFile::open(path);
-  // Byte sizes come from the safetensors header (no tensor data is read).
-  const auto file = duquant::io::SafetensorsFile::open(path);
-  std::map<std::string, int64_t> tensor_bytes;
-  for (const auto& view : file.tensors()) tensor_bytes[view.name] = static_cast<int64_t>(view.nbytes);
+  const auto pack = duquant::PackFile::open(path);  // byte sizes come from its header: no tensor data is read
 
   std::vector<LayerRow> rows;
   int64_t layer_total = 0;
   for (const auto& name : pack.layer_names()) {
     LayerRow row{pack.layer(name), 0};
-    for (const auto& field : duquant::kLayerTensorFields) {
-      auto it = tensor_bytes.find(name + "." + field.name);
-      if (it != tensor_bytes.end()) row.bytes += it->second;
-    }
+    for (const auto& field : duquant::kLayerTensorFields) row.bytes += pack.tensor_bytes(name + "." + field.name);
     layer_total += row.bytes;
     rows.push_back(row);
   }
   const auto extra_names = pack.extra_tensor_names();
   int64_t extra_total = 0;
-  for (const auto& name : extra_names) extra_total += tensor_bytes.at(name);
+  for (const auto& name : extra_names) extra_total += pack.tensor_bytes(name);
   const auto file_bytes = static_cast<int64_t>(std::filesystem::file_size(path));
   std::map<std::string, std::string> user_metadata;
   for (const auto& [k, v] : pack.metadata())

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _C
 
-_BUFFERS = ("qweight", "w_scale", "perm", "r_in", "r_out", "bias", "act_scale", "calib_state")
+_BUFFERS = tuple(_C.LAYER_TENSOR_NAMES)  # the library's one list (kLayerTensorFields, layer_pack.h)
 # Buffers whose dtype is part of the format: .half()/.to(dtype) must not convert them.
 _FLOAT32_BUFFERS = ("qweight", "w_scale", "r_in", "r_out", "bias", "act_scale")
 

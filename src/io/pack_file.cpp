@@ -255,6 +255,10 @@ std::vector<std::string> PackFile::tensor_names() const { return file_->names();
 
 torch::Tensor PackFile::tensor(const std::string& name) const { return io::copy_to_torch(file_->tensor(name), path_); }
 
+int64_t PackFile::tensor_bytes(const std::string& name) const {
+  return file_->contains(name) ? static_cast<int64_t>(file_->tensor(name).nbytes) : 0;
+}
+
 LayerPack PackFile::load_layer(const std::string& name, const torch::Device& device) const {
   const LayerInfo& info = layer(name);
   LayerPack p;

@@ -183,6 +183,10 @@ def test_inspect_text_and_json(checkpoint, tmp_path):
     assert j["extra_tensors"]["count"] == 0
     assert j["bytes"]["file"] == os.path.getsize(out)
     assert j["bytes"]["layers"] == sum(layer["bytes"] for layer in j["layers"]) > 0
+    pf = dq.PackFile.open(str(out))  # a layer's bytes: its tensors' bytes in the file
+    down = "layers.0.mlp.down_proj"
+    tensors = [pf.tensor(n) for n in pf.tensor_names() if n.startswith(down + ".")]
+    assert by_name[down]["bytes"] == sum(t.numel() * t.element_size() for t in tensors) > 0
     assert j["metadata"]["created_by"] == "duquant-pack"
 
 

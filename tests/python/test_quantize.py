@@ -147,6 +147,17 @@ def test_state_dict_round_trip_into_fresh_model():
     assert torch.equal(fresh(x), model(x))
 
 
+def test_buffers_are_the_pack_fields():
+    """DuQuantLinear's buffers are the library's list of a layer's tensors (the pack's fields), so a
+    state_dict and a pack file name the same tensors."""
+    assert dq._C.LAYER_TENSOR_NAMES == ("qweight", "w_scale", "perm", "r_in", "r_out", "bias", "act_scale",
+                                        "calib_state")
+    layer = dq.DuQuantLinear.from_linear(torch.nn.Linear(64, 32), dq.Config(act="static"))
+    assert tuple(name for name, _ in layer.named_buffers()) == dq._C.LAYER_TENSOR_NAMES
+    pack_tensors = set(dq._C.empty_layer_pack(64, 32, True, dq.Config(act="static"), None).tensors())
+    assert {name for name, b in layer.named_buffers() if b is not None} == pack_tensors
+
+
 def test_empty_layer_loads_state_dict_and_rejects_mismatches():
     lin = nn.Linear(32, 16)
     src = dq.DuQuantLinear.from_linear(lin, dq.Config())

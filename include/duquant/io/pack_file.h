@@ -70,6 +70,8 @@ class PackFile {
   std::vector<std::string> extra_tensor_names() const { return extra_tensor_names_; }  // tensors of no layer
   std::vector<std::string> tensor_names() const;  // every tensor, in data order
   torch::Tensor tensor(const std::string& name) const;  // any tensor, copied to CPU
+  // Bytes of a tensor in the file, or 0 when the file has no tensor of that name (no data is read).
+  int64_t tensor_bytes(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
   // The LayerPack (validate()d) for `name`, on `device`.
