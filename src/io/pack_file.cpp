@@ -90,6 +90,15 @@ int parse_format_version(const std::string& text, const std::string& path) {
   return version;
 }
 
+// A LayerPack with a layer entry's sizes and config and no tensors yet.
+LayerPack pack_for(const PackFile::LayerInfo& info) {
+  LayerPack p;
+  p.config = info.config;
+  p.in_features = info.in_features;
+  p.out_features = info.out_features;
+  return p;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- writing
@@ -204,10 +213,7 @@ PackFile PackFile::open(const std::string& path) {
                    entry.at("bias").get<bool>(), config_from_json_object(entry.at("config"), where)};
 
     // Presence, then dtype and shape through LayerPack::validate on data-less meta tensors.
-    LayerPack shapes;
-    shapes.config = info.config;
-    shapes.in_features = info.in_features;
-    shapes.out_features = info.out_features;
+    LayerPack shapes = pack_for(info);
     for (const auto& field : kLayerTensorFields) {
       const std::string tensor_name = name + "." + field.name;
       claimed.insert(tensor_name);
@@ -260,11 +266,7 @@ int64_t PackFile::tensor_bytes(const std::string& name) const {
 }
 
 LayerPack PackFile::load_layer(const std::string& name, const torch::Device& device) const {
-  const LayerInfo& info = layer(name);
-  LayerPack p;
-  p.config = info.config;
-  p.in_features = info.in_features;
-  p.out_features = info.out_features;
+  LayerPack p = pack_for(layer(name));
   // open() checked that exactly the used tensors are present, with the right dtypes and shapes.
   for (const auto& field : kLayerTensorFields) {
     const std::string tensor_name = name + "." + field.name;
