@@ -1,18 +1,44 @@
 """Where the fast path's time goes: the input side alone with each input kernel ("rows": one kernel,
 whole rows in shared memory; "split": two passes over column chunks; "auto": what layers run), the
-whole layer (input + GEMM) and bf16 nn.Linear, per shape and token count. CUDA graphs of `--calls` back-to-back calls, median of
-`--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
+whole layer (input + GEMM) and bf16 nn.Linear, per shape and token count. CUDA graphs of `--calls`
+back-to-back calls, median of `--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
 
     PYTHONPATH=build/python python3 benchmarks/fast_path_breakdown.py [--m 1,16,256,4096]
 """
 import argparse
+import statistics
 
 import torch
 
 import duquant_ext as dq
-from graph_timing import graph_time_us
 
 SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
+
+
+def graph_time_us(fn, calls, repeats):
+    """Median µs per call of `calls` back-to-back calls of fn captured in one CUDA graph, over
+    `repeats` replays. The input-kernel switch is read at capture."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
+    return statistics.median(times)
 
 
 def main():
@@ -45,6 +71,7 @@ def main():
                 t_bf16 = graph_time_us(lambda: lin_bf16(x), args.calls, args.repeats)
             print(f"{k:>5}->{n:<6} {m:>5} {t_in['rows']:>8.1f} {t_in['split']:>8.1f} {t_in['auto']:>8.1f} "
                   f"{t_layer:>8.1f} {t_layer - t_in['auto']:>8.1f} {t_bf16:>8.1f} {t_bf16 / t_layer:>10.2f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -275,15 +275,16 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const TileGeometry g64 = geometry(GemmTile::kTile64, p);
   const bool long_rows = p.m > 16 && p.k >= 8192 && tiles_of(g64) < p.num_sms;
   // A forced wgmma tile that cannot run here (device, build, weights) means "auto".
+  const bool wgmma_ok = wgmma_usable(p);
   GemmTile forced = p.tile;
-  if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_usable(p)) forced = GemmTile::kAuto;
+  if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_ok) forced = GemmTile::kAuto;
   plan.tile = forced != GemmTile::kAuto ? forced : long_rows ? GemmTile::kTile64 : auto_tile(p);
   // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
   // one, the wider where it can (benchmarks/gemm_tile_sweep.py, H200: it won every such cell,
   // 2048->16384 at M = 4096 711 us against 1063 for 128x128 mma.sync tiles; with fewer tiles the
   // mma.sync kernels' 32x32 and 64x64 tiles, or split-k, win; at M <= 64 on 2048->16384, where
   // N alone makes enough tiles, it took 26-29 us against 14-25 for the streaming tiles).
-  if (forced == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_usable(p)) {
+  if (forced == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_ok) {
     auto nearly_all = [&](int bn) { return 8 * tiles_of(TileGeometry{128, bn, 128}) >= 7 * p.num_sms; };
     if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
     else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
@@ -291,12 +292,11 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const TileGeometry g = geometry(plan.tile, p);
   const int64_t tiles = tiles_of(g);
   const int64_t stages = (p.k + g.ks - 1) / g.ks;
-  int64_t want = p.splits;
-  if (plan.tile != GemmTile::kTile64) want = 1;  // the one tile with a split-k variant
-  if (want == 0) {
-    const bool split = long_rows && plan.tile == GemmTile::kTile64;
-    want = split && tiles > 0 ? std::min<int64_t>(8, 2 * p.num_sms / tiles) : 1;
-  }
+  // Only 64x64 tiles have a split-k variant; by size they split for long rows alone.
+  const int64_t want = plan.tile != GemmTile::kTile64 ? 1
+                       : p.splits > 0                ? p.splits
+                       : long_rows && tiles > 0      ? std::min<int64_t>(8, 2 * p.num_sms / tiles)
+                                                     : 1;
   // Forced counts stay within 256 MB of partial sums (64 slices of a large layer would take GBs).
   const int64_t tile_bytes = std::max<int64_t>(1, tiles * g.bm * g.bn * static_cast<int64_t>(sizeof(int)));
   const int64_t most = std::max<int64_t>(1, (int64_t{256} << 20) / tile_bytes);

@@ -42,12 +42,24 @@ bool chain_kernels(const torch::Device& device) {
   return enabled && at::cuda::getDeviceProperties(device.index())->major >= 9;
 }
 
+// What every launch of one call needs from its device, looked up once per call.
+struct LaunchContext {
+  cudaStream_t stream;
+  int num_sms;
+  bool chain;
+};
+
+LaunchContext launch_context(const torch::Device& device) {
+  return {at::cuda::getCurrentCUDAStream(device.index()).stream(),
+          at::cuda::getDeviceProperties(device.index())->multiProcessorCount, chain_kernels(device)};
+}
+
 // Input kernel for x2d [T, K] (rows contiguous). Fills codes [T, K] and scales [T]; with abits = 0
 // it fills x_out [T, K] (x's dtype) with the transformed activations instead. Also zeroes
 // clear[0, clear_count) for the GEMM after it.
 void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const torch::Tensor& r_in,
                       const torch::Tensor& static_scale, int64_t abits, torch::Tensor& codes, torch::Tensor& scales,
-                      cudaStream_t stream, const torch::Tensor& x_out = torch::Tensor(), int* clear = nullptr,
+                      const LaunchContext& ctx, const torch::Tensor& x_out = torch::Tensor(), int* clear = nullptr,
                       int clear_count = 0) {
   kernels::ActQuantParams p;
   p.x = x2d.data_ptr();
@@ -66,18 +78,18 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   } else {
     p.x_out = x_out.data_ptr();
   }
-  p.chain = chain_kernels(x2d.device());
+  p.chain = ctx.chain;
   p.kernel = static_cast<kernels::InputKernel>(input_kernel_index());
   p.clear = clear;
   p.clear_count = clear_count;
-  p.num_sms = at::cuda::getDeviceProperties(x2d.device().index())->multiProcessorCount;
+  p.num_sms = ctx.num_sms;
   const kernels::ActQuantPlan plan = kernels::act_quant_plan(p);
   torch::Tensor workspace;  // from the caching allocator: no cudaMalloc on the hot path, graph-safe
   if (plan.workspace_bytes > 0) {
     workspace = torch::empty({static_cast<int64_t>(plan.workspace_bytes)}, x2d.options().dtype(torch::kUInt8));
     p.workspace = workspace.data_ptr();
   }
-  check(kernels::act_quant(p, plan, stream), "input kernel launch");
+  check(kernels::act_quant(p, plan, ctx.stream), "input kernel launch");
 }
 
 torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
@@ -98,7 +110,7 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device) 
 
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const LaunchContext ctx = launch_context(x.device());
   const int64_t k = layer.in_features, n = layer.out_features;
   auto x2d = rows_contiguous(x, k);
   const int64_t m = x2d.size(0);
@@ -135,10 +147,10 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
   p.m = m;
   p.n = n;
   p.k = k;
-  p.num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  p.num_sms = ctx.num_sms;
   p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
   p.splits = gemm_splits();
-  p.chain = chain_kernels(x.device());
+  p.chain = ctx.chain;
 
   // Split-k scratch: from the caching allocator (stream-ordered, graph-safe); its counters are
   // zeroed by the input kernel, so no memset joins the chain of kernels.
@@ -150,9 +162,9 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
     p.workspace = workspace.data_ptr();
   }
   run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
-                   weight_only ? 0 : cfg.abits, codes, scales, stream, xt, static_cast<int*>(p.workspace),
+                   weight_only ? 0 : cfg.abits, codes, scales, ctx, xt, static_cast<int*>(p.workspace),
                    plan.counters);
-  check(weight_only ? kernels::wo_gemm(p, stream) : kernels::int_gemm(p, plan, stream), "GEMM launch");
+  check(weight_only ? kernels::wo_gemm(p, ctx.stream) : kernels::int_gemm(p, plan, ctx.stream), "GEMM launch");
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
@@ -163,13 +175,12 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d
                                                         const torch::Tensor& r_in, const torch::Tensor& static_scale,
                                                         int64_t abits) {
   const c10::cuda::CUDAGuard guard(x2d_in.device());
-  const auto stream = at::cuda::getCurrentCUDAStream(x2d_in.device().index()).stream();
   auto x2d = rows_contiguous(x2d_in, x2d_in.size(1));
   auto codes = torch::empty({x2d.size(0), x2d.size(1)}, x2d.options().dtype(torch::kInt8));
   auto scales = torch::empty({x2d.size(0)}, x2d.options().dtype(torch::kFloat32));
   auto st = static_scale.defined() ? static_scale.to(torch::kFloat32).contiguous() : static_scale;
   run_input_kernel(x2d, perm.defined() ? perm.contiguous() : perm, r_in.contiguous(), st, abits, codes, scales,
-                   stream);
+                   launch_context(x2d.device()));
   return {codes, scales};
 }
 
