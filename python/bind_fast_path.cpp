@@ -9,7 +9,9 @@ void bind_fast_path(py::module_& m) {
   m.def("fast_path_built", &duquant::fast_path_built, "True when the library was built with its CUDA kernels.");
   m.def("set_input_kernel", &duquant::set_input_kernel, py::arg("which"),
         "Which input kernels the fast path runs, process-wide: \"auto\" (default), \"rows\" (one kernel, "
-        "whole rows in shared memory, wherever a row fits) or \"split\" (two passes over column chunks).");
+        "whole rows in shared memory, wherever a row fits), \"split\" (two passes over column chunks) or \"mma\" "
+        "(the rotation on tensor cores, for float16/bfloat16 inputs, block size 16 and int8 codes; elsewhere "
+        "\"auto\").");
   m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
   m.def("set_gemm_tile", &duquant::set_gemm_tile, py::arg("which"),
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "

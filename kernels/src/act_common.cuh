@@ -1,6 +1,6 @@
 #pragma once
-// Shared by the input kernels (act_quant.cu, act_quant_rows.cu): element access, rounding, and the
-// row kernel's entry points for act_quant()'s dispatch.
+// Shared by the input kernels (act_quant.cu, act_quant_rows.cu, act_quant_mma.cu): element access,
+// rounding, and the row and tensor-core kernels' entry points for act_quant()'s dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -52,6 +52,16 @@ struct RowsLaunch {
 };
 RowsLaunch act_quant_rows_plan(const ActQuantParams& p);
 cudaError_t act_quant_rows(const ActQuantParams& p, const RowsLaunch& launch, bool chain, cudaStream_t stream);
+
+// act_quant_mma.cu: the tensor-core input kernel (float16/bfloat16 x, B = 16, codes). How it runs:
+// tokens per CTA (0: it does not apply), and the CTAs of a cluster sharing each token group's
+// positions (Hopper).
+struct MmaLaunch {
+  int tokens = 0;
+  int split = 1;
+};
+MmaLaunch act_quant_mma_plan(const ActQuantParams& p);
+cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& launch, bool chain, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace duquant

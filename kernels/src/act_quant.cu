@@ -199,11 +199,27 @@ __global__ void __launch_bounds__(kThreads) quantize_chunk_kernel(ActQuantParams
 
 bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 
+// Under kAuto the tensor-core kernel runs from M x K = 2^19 on, where 16 tokens fit a CTA (rows of
+// up to ~6900 16-bit values). Measured on an H200 (benchmarks/fast_path_breakdown.py): below that
+// the row kernel's single pass is quicker (K = 1024, M = 256: 5.1 us against 7.6); past it the
+// float32 kernels lose (K = 2048, M = 4096: 45 us against 25; K = 4096: 130 against 60). Longer rows
+// leave it 5 tokens a CTA, no faster than the two passes (K = 16384, M = 1024: 170 us against 159).
+constexpr int64_t kMmaMinElements = int64_t{1} << 19;
+constexpr int kMmaAutoTokens = 16;
+
 // The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
 // where, measured on an H200 (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens
 // than 2 per SM past M = 128 with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
 ActQuantPlan act_quant_plan(const ActQuantParams& p) {
   ActQuantPlan plan;
+  if (p.kernel == InputKernel::kMma || (p.kernel == InputKernel::kAuto && p.m * p.k >= kMmaMinElements)) {
+    const MmaLaunch mma = act_quant_mma_plan(p);
+    if (mma.tokens >= (p.kernel == InputKernel::kAuto ? kMmaAutoTokens : 1)) {
+      plan.mma_tokens = mma.tokens;
+      plan.mma_split = mma.split;
+      return plan;
+    }
+  }
   if (p.kernel != InputKernel::kSplit) {
     const RowsLaunch rows = act_quant_rows_plan(p);
     const bool low_m = rows.cluster || rows.tokens == 1;
@@ -223,6 +239,9 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
 cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
+  if (plan.mma_tokens > 0)
+    return act_quant_mma(p, MmaLaunch{plan.mma_tokens, plan.mma_split}, p.chain && p.m <= kChainFirstKernelMaxM,
+                         stream);
   if (plan.row_tokens > 0)
     return act_quant_rows(p, RowsLaunch{plan.row_tokens, plan.row_cluster, plan.row_split},
                           p.chain && p.m <= kChainFirstKernelMaxM, stream);

@@ -22,10 +22,11 @@ pytestmark = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["rows", "split"])
+@pytest.fixture(params=["rows", "split", "mma"])
 def input_kernel(request):
     """Runs a test with each input kernel: one kernel with whole rows in shared memory (1-16 tokens
-    per CTA, by M), and the two passes over column chunks."""
+    per CTA, by M), the two passes over column chunks, and the rotation on tensor cores (float16 and
+    bfloat16 inputs with blocks of 16; the others fall back to what auto picks)."""
     dq._C.set_input_kernel(request.param)
     yield request.param
     dq._C.set_input_kernel("auto")
@@ -104,6 +105,7 @@ def restore64(y, r_out):
     (2500, 2048, 16, False), (1100, 3072, 16, False), (700, 1000, 16, True), (300, 16384, 16, False),
     (3, 16384, 16, False), (200, 4096, 16, False), (101, 16384, 16, False), (2, 40000, 16, False),
     (600, 6000, 16, False),  # 4 tokens per CTA, 12 chunks each
+    (4500, 1000, 16, False), (4500, 1024, 16, False),  # the tensor-core kernel's 32 tokens per CTA
 ])
 def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
     x = outlier_input(m, k, dtype, seed=m + k)

@@ -5,7 +5,7 @@ import pytest
 import duquant_ext as dq
 
 SWITCHES = [
-    (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "auto")),
+    (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "mma", "auto")),
     (dq._C.set_gemm_tile, dq._C.gemm_tile, ("stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "auto")),
 ]
 
@@ -22,7 +22,7 @@ def test_round_trips_and_defaults_to_auto(setter, getter, names):
 
 
 def test_unknown_input_kernel_is_refused_and_changes_nothing():
-    with pytest.raises(RuntimeError, match=r'input kernel must be "auto", "split" or "rows", got "fused"'):
+    with pytest.raises(RuntimeError, match=r'input kernel must be "auto", "split", "rows" or "mma", got "fused"'):
         dq._C.set_input_kernel("fused")
     assert dq._C.input_kernel() == "auto"
 

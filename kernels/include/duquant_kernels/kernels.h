@@ -23,8 +23,10 @@ struct InputTransform {
 };
 
 // Which input kernels run: one kernel with whole rows in shared memory where a row fits on an SM
-// (kRows), or the two passes spread over column chunks (kSplit); kAuto picks (act_quant.cu).
-enum class InputKernel : int { kAuto = 0, kSplit = 1, kRows = 2 };
+// (kRows), the two passes spread over column chunks (kSplit), or the rotation on tensor cores
+// (kMma: float16/bfloat16 x, B = 16, codes; where it does not apply, kMma picks as kAuto does);
+// kAuto picks (act_quant.cu).
+enum class InputKernel : int { kAuto = 0, kSplit = 1, kRows = 2, kMma = 3 };
 
 struct ActQuantParams {
   const void* x = nullptr;          // [M, K] row-major, row stride x_stride elements
@@ -61,6 +63,8 @@ struct ActQuantPlan {
   int row_tokens = 0;          // tokens per CTA of the one-kernel row path; 0 = the two passes
   bool row_cluster = false;    // the row path's cluster variant (1-2 tokens per CTA, Hopper)
   int row_split = 1;           // CTAs of a cluster sharing each row
+  int mma_tokens = 0;          // tokens per CTA of the tensor-core kernel; 0 = not that one
+  int mma_split = 1;           // its CTAs of a cluster sharing each token group
   size_t workspace_bytes = 0;  // scratch the two passes need with dynamic scales (else 0)
 };
 ActQuantPlan act_quant_plan(const ActQuantParams& p);

@@ -1,0 +1,413 @@
+// The input side on tensor cores, for float16/bfloat16 x, blocks of 16 and int8 codes (the case
+// models run). The float32 kernels (act_quant_rows.cu) spend ~114 instructions per element: 16
+// FMAs and their shared-memory operands for the rotation, a gather, an IEEE division. Here a warp
+// rotates a 16 x 16 block for 16 tokens with 8 mma.sync (m16n8k8, tf32 in, float32 accumulate):
+//
+// - x in 16-bit floats is exact in tf32 (11-bit significand), so only the rotation is split:
+//   R = hi + lo, each rounded to tf32, x·R = x·lo + x·hi. What is left of R is below 2^-22 of it,
+//   the order of float32's own summation error: the codes are the reference's but for values on a
+//   rounding boundary (DESIGN §2), like the float32 kernels'.
+// - A CTA stages whole token rows in shared memory (the permutation reads anywhere in the row),
+//   runs its positions twice (the rotation is cheap now; holding the rotated row in registers is
+//   not): pass 1 finds each token's max |x'|, pass 2 rotates again, bit for bit the same, and
+//   writes codes. On Hopper a cluster of CTAs can share a row's positions (for parallelism at
+//   small M), swapping per-token maxima through distributed shared memory.
+// - The division by the scale is a reciprocal multiply with one exact correction step: the
+//   correctly rounded quotient in three instructions. No conversion instructions in the loops
+//   (tf32 rounding and float-to-int are bit tricks): they run at a quarter of the FMA rate.
+//
+// Measured on an H200 (benchmarks/fast_path_breakdown.py): M = 4096, K = 2048 in 25 us (the row
+// kernel: 45), K = 4096 in 60 (130). It is bound by instruction issue, not memory (x and the codes
+// alone would take ~6 us): per block and lane pass 1 runs ~140 instructions (SASS), most of them
+// the rotation's loads and tf32 splits and the gather addresses, for 8 values.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "act_common.cuh"
+#include "duquant_kernels/kernels.h"
+#include "launch.cuh"
+
+namespace duquant {
+namespace kernels {
+namespace {
+
+constexpr int kMmaBlock = 16;  // the block size this kernel takes
+constexpr int kMaxMmaCluster = 8;
+
+// Row pitch in shared memory: 16 bytes past a multiple of 128, so the 8 rows a fragment load
+// touches start 4 banks apart.
+__host__ __device__ constexpr int mma_pitch(int64_t k, int esz) {
+  return static_cast<int>((k * esz + 127) / 128 * 128 + 16);
+}
+
+// v rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32), in two integer
+// instructions: the conversion instruction runs on the quarter-rate conversion unit, and a block
+// needs 16 of them per lane.
+__device__ __forceinline__ uint32_t to_tf32(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One 16-bit element of a staged row, as the tf32 (float32) bit pattern of its exact value.
+template <DType DT>
+__device__ __forceinline__ uint32_t load_tf32(const unsigned char* p) {
+  const unsigned short u = *reinterpret_cast<const unsigned short*>(p);
+  if constexpr (DT == DType::kBFloat16) return static_cast<uint32_t>(u) << 16;
+  else return __float_as_uint(__half2float(__ushort_as_half(u)));
+}
+
+// Block b's rotation entries of this lane's B fragments (x'_j = sum_i x~_i R[i][j]:
+// b0 = R[8ks + c][8nt + g], b1 = R[8ks + c + 4][8nt + g]), as loaded.
+struct BlockRot {
+  float r[2][2][2];  // [ks][nt][h]
+};
+
+__device__ __forceinline__ BlockRot fetch_rot(const float* r_in, int b, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  const float* rb = r_in + static_cast<int64_t>(b) * (kMmaBlock * kMmaBlock);
+  BlockRot in;
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) in.r[ks][nt][h] = __ldg(rb + (8 * ks + c + 4 * h) * kMmaBlock + 8 * nt + g);
+  return in;
+}
+
+// x'[rows, 16b .. 16b+15] for the warp's MT m-tiles: acc[mt][nt][i] is the mma.sync C fragment
+// (rows g, g+8 of m-tile mt; columns 8nt + 2c, +1). row_off: byte offsets of the rows this lane
+// reads (rows past the CTA's tokens read its first: their results are never used). src: the byte
+// offsets in a row of this lane's four source channels, 16 bits each: (ks 0, h 0 | h 1), (ks 1, ...).
+template <int MT, DType DT>
+__device__ __forceinline__ void rotate_block(const unsigned char* xs, const BlockRot& in, uint2 src,
+                                             const int (&row_off)[MT][2], float (&acc)[MT][2][4]) {
+  uint32_t hi[2][2][2], lo[2][2][2];
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        hi[ks][nt][h] = to_tf32(in.r[ks][nt][h]);
+        lo[ks][nt][h] = to_tf32(in.r[ks][nt][h] - __uint_as_float(hi[ks][nt][h]));
+      }
+  const int off[2][2] = {{static_cast<int>(src.x & 0xffffu), static_cast<int>(src.x >> 16)},
+                         {static_cast<int>(src.y & 0xffffu), static_cast<int>(src.y >> 16)}};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const uint32_t a[4] = {load_tf32<DT>(xs + row_off[mt][0] + off[ks][0]),
+                             load_tf32<DT>(xs + row_off[mt][1] + off[ks][0]),
+                             load_tf32<DT>(xs + row_off[mt][0] + off[ks][1]),
+                             load_tf32<DT>(xs + row_off[mt][1] + off[ks][1])};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        mma_tf32(acc[mt][nt], a, lo[ks][nt][0], lo[ks][nt][1]);
+        mma_tf32(acc[mt][nt], a, hi[ks][nt][0], hi[ks][nt][1]);
+      }
+    }
+  }
+}
+
+// Rotates the warp's blocks first, first + WARPS, ... < end and hands each to fn(b, acc). Two
+// blocks' rotations load (an L2 round trip) while two are rotated, in two register sets used in
+// turn (a loop-carried copy cost 12 moves a block). srcs: the CTA's source-offset table from
+// b_begin on, 4 entries a block (one per lane column c).
+template <int MT, int WARPS, DType DT, typename Fn>
+__device__ __forceinline__ void for_warp_blocks(const unsigned char* xs, const uint2* srcs, const float* r_in,
+                                                int b_begin, int first, int end, int lane,
+                                                const int (&row_off)[MT][2], Fn&& fn) {
+  if (first >= end) return;
+  constexpr int W = WARPS;
+  const int c = lane & 3;
+  auto at = [&](int b) { return fetch_rot(r_in, b < end ? b : end - 1, lane); };  // past the end: a valid dummy
+  auto step = [&](const BlockRot& r, int b) {
+    float acc[MT][2][4];
+    rotate_block<MT, DT>(xs, r, srcs[(b - b_begin) * 4 + c], row_off, acc);
+    fn(b, acc);
+  };
+  BlockRot a0 = at(first), a1 = at(first + W);
+  for (int b = first;;) {
+    const BlockRot n0 = at(b + 2 * W), n1 = at(b + 3 * W);
+    step(a0, b);
+    if (b + W < end) step(a1, b + W);
+    b += 2 * W;
+    if (b >= end) break;
+    a0 = at(b + 2 * W);
+    a1 = at(b + 3 * W);
+    step(n0, b);
+    if (b + W < end) step(n1, b + W);
+    b += 2 * W;
+    if (b >= end) break;
+  }
+}
+
+// v / s, correctly rounded (as the reference divides), from the reciprocal and one residual.
+__device__ __forceinline__ float div_by_scale(float v, float s, float inv) {
+  const float q = v * inv;
+  return fmaf(fmaf(-q, s, v), inv, q);
+}
+
+// The code of v as the low byte of a float's bits: adding 1.5 * 2^23 rounds to an integer, half to
+// even like rintf, and leaves it two's-complement in the low mantissa bits (no float-to-int
+// conversion, another quarter-rate instruction).
+__device__ __forceinline__ uint32_t code_bits(float v, float s, float inv, float qmax) {
+  return __float_as_uint(fminf(fmaxf(div_by_scale(v, s, inv), -qmax - 1.f), qmax) + 12582912.f);
+}
+
+// Dynamic shared memory: the rows as read, [tokens][pitch], then the source-offset table of the
+// CTA's blocks (8 bytes per block and lane column).
+__host__ __device__ inline size_t mma_smem_bytes(int tokens, int64_t k, int esz, int blocks_per_cta) {
+  return static_cast<size_t>(tokens) * mma_pitch(k, esz) + static_cast<size_t>(blocks_per_cta) * 4 * sizeof(uint2);
+}
+
+// Grid: (token groups of `tokens`, split); clusters of `split` CTAs along y share a token group.
+// MT m-tiles (16 tokens each) per warp, WARPS warps.
+template <int MT, int WARPS, DType DT>
+__global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParams p, int tokens) {
+  constexpr int ESZ = act::dtype_bytes(DT);
+  constexpr int TM = 16 * MT;
+  constexpr int NT = WARPS * 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float warp_max[WARPS][TM];
+  __shared__ float scale_s[TM];
+  const int k = static_cast<int>(p.k);
+  const int pitch = mma_pitch(k, ESZ);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * tokens;
+  const int rows = p.m - row0 < tokens ? static_cast<int>(p.m - row0) : tokens;
+  // This CTA's blocks of positions: all, or its share of the cluster's.
+  const int nb = k / kMmaBlock, split = gridDim.y;
+  const int per_cta = (nb + split - 1) / split;
+  const int b_begin = blockIdx.y * per_cta;
+  const int b_end = b_begin + per_cta < nb ? b_begin + per_cta : nb;
+  uint2* srcs = reinterpret_cast<uint2*>(smem + static_cast<size_t>(tokens) * pitch);
+
+  // The source table: position 16b + 8ks + c + 4h's source channel, as a byte offset in a row, at
+  // 16-bit slot 2ks + h of entry (b - b_begin, c). Layer constants: built before the chain wait.
+  {
+    const InputTransform& tr = p.transform;
+    unsigned short* slots = reinterpret_cast<unsigned short*>(srcs);
+    for (int i = tid; i < (b_end - b_begin) * kMmaBlock; i += NT) {
+      const int pos = b_begin * kMmaBlock + i, j = i % kMmaBlock;
+      const int ks = j >> 3, c = j & 3, h = (j >> 2) & 1;
+      const int src = tr.perm ? static_cast<int>(__ldg(tr.perm + pos)) : pos;
+      slots[((i / kMmaBlock) * 4 + c) * 4 + 2 * ks + h] = static_cast<unsigned short>(src * ESZ);
+    }
+  }
+
+  pdl_trigger();  // the GEMM may launch now; it waits for these codes itself
+  pdl_wait();
+  act::clear_for_gemm(p);
+
+  // Stage the rows: 16-byte asynchronous copies where x allows, else element by element.
+  const char* xg = static_cast<const char*>(p.x) + row0 * p.x_stride * ESZ;
+  const int64_t row_stride = p.x_stride * ESZ;
+  if (reinterpret_cast<uintptr_t>(xg) % 16 == 0 && row_stride % 16 == 0 && (k * ESZ) % 16 == 0) {
+    const int per_row = k * ESZ / 16;
+    for (int r = 0; r < rows; ++r)
+      for (int i = tid; i < per_row; i += NT) {
+        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem + r * pitch + 16 * i));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(xg + r * row_stride + 16 * i));
+      }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int i = tid; i < k; i += NT)
+        reinterpret_cast<unsigned short*>(smem + r * pitch)[i] =
+            reinterpret_cast<const unsigned short*>(xg + r * row_stride)[i];
+  }
+  __syncthreads();
+
+  const int g = lane >> 2, c = lane & 3;
+  int row_off[MT][2];
+  bool valid[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * mt + g + 8 * h;
+      valid[mt][h] = r < rows;
+      row_off[mt][h] = (valid[mt][h] ? r : 0) * pitch;
+    }
+  const float* r_in = p.transform.r_in;
+  const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
+
+  if (p.static_scale) {
+    if (tid < rows) {
+      scale_s[tid] = __ldg(p.static_scale);
+      if (p.scales && blockIdx.y == 0) p.scales[row0 + tid] = scale_s[tid];
+    }
+  } else {
+    // Pass 1: each token's max |x'| over this CTA's positions.
+    float mx[MT][2] = {};
+    for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, b_begin + warp, b_end, lane, row_off,
+                                   [&](int, const float (&acc)[MT][2][4]) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          mx[mt][0] = fmaxf(mx[mt][0], fmaxf(fabsf(acc[mt][nt][0]), fabsf(acc[mt][nt][1])));
+          mx[mt][1] = fmaxf(mx[mt][1], fmaxf(fabsf(acc[mt][nt][2]), fabsf(acc[mt][nt][3])));
+        }
+    });
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v = mx[mt][h];  // the four lanes of a row hold its columns
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        if (c == 0) warp_max[warp][16 * mt + g + 8 * h] = v;
+      }
+    __syncthreads();
+    if (tid < rows) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v = fmaxf(v, warp_max[w][tid]);
+      scale_s[tid] = v;  // this CTA's max; the scale once the cluster's maxima are in
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();  // every CTA's max is in its shared memory
+      float v = 0.f;
+      if (tid < rows)
+        for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[tid], q));
+      cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
+      if (tid < rows) scale_s[tid] = v;
+    }
+#endif
+    if (tid < rows) {
+      scale_s[tid] = fmaxf(scale_s[tid] / qmax, 1e-8f);
+      if (p.scales && blockIdx.y == 0) p.scales[row0 + tid] = scale_s[tid];
+    }
+  }
+  __syncthreads();
+
+  // Pass 2: the same rotation again, quantized; two adjacent codes per store.
+  float s[MT][2], inv[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s[mt][h] = scale_s[valid[mt][h] ? 16 * mt + g + 8 * h : 0];
+      inv[mt][h] = 1.f / s[mt][h];
+    }
+  for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, b_begin + warp, b_end, lane, row_off,
+                                 [&](int b, const float (&acc)[MT][2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!valid[mt][h]) continue;
+        int8_t* out = p.codes + (row0 + 16 * mt + g + 8 * h) * p.k + b * kMmaBlock + 2 * c;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const uint32_t lo = code_bits(acc[mt][nt][2 * h], s[mt][h], inv[mt][h], qmax);
+          const uint32_t hi = code_bits(acc[mt][nt][2 * h + 1], s[mt][h], inv[mt][h], qmax);
+          *reinterpret_cast<unsigned short*>(out + 8 * nt) = static_cast<unsigned short>(__byte_perm(lo, hi, 0x0040));
+        }
+      }
+  });
+}
+
+// What the launch needs to know of the device; asked once per device.
+struct MmaDeviceFacts {
+  bool known = false;
+  int smem_optin = 0;
+  bool clusters = false;  // Hopper or newer, and this kernel built for it
+};
+
+const MmaDeviceFacts& mma_device_facts() {
+  static MmaDeviceFacts facts[64];
+  static const MmaDeviceFacts none;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return none;
+  MmaDeviceFacts& f = facts[dev];
+  if (!f.known) {
+    int major = 0;
+    cudaFuncAttributes attr = {};
+    if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, rotate_mma_kernel<1, 8, DType::kBFloat16>) != cudaSuccess)
+      return none;
+    f.clusters = major >= 9 && attr.ptxVersion >= 90;
+    f.known = major >= 8;  // mma.sync tf32 and cp.async: Ampere on
+    if (!f.known) return none;
+  }
+  return f;
+}
+
+constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 floats) and slack
+
+// One m-tile (16 tokens) a warp, 8 warps. Two m-tiles and 16 warps (the rotation's loads and
+// splits serving 32 tokens) measured slower on an H200: one CTA an SM, 25 -> 33 us at M = 4096,
+// K = 2048.
+constexpr int kMmaTokens = 16;
+constexpr int kMmaWarps = 8;
+
+template <DType DT>
+cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
+  constexpr auto kernel = rotate_mma_kernel<1, kMmaWarps, DT>;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(mma_device_facts().smem_optin - kStaticSmemRoom); e != cudaSuccess)
+    return e;
+  const int nb = static_cast<int>(p.k / kMmaBlock);
+  const size_t smem = mma_smem_bytes(l.tokens, p.k, act::dtype_bytes(DT), (nb + l.split - 1) / l.split);
+  const dim3 grid(static_cast<unsigned>((p.m + l.tokens - 1) / l.tokens), static_cast<unsigned>(l.split));
+  return launch_kernel_clustered(kernel, grid, dim3(kMmaWarps * 32), smem, stream, chain,
+                                 dim3(1, static_cast<unsigned>(l.split), 1), p, l.tokens);
+}
+
+}  // namespace
+
+MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
+  MmaLaunch none;
+  // Source offsets are 16-bit byte offsets: K <= 32768.
+  if (p.x_dtype == DType::kFloat32 || p.transform.block != kMmaBlock || p.transform.smooth != nullptr ||
+      p.abits < 2 || p.abits > 8 || p.k % kMmaBlock != 0 || p.m < 1 || p.k < kMmaBlock || p.k > 32768)
+    return none;
+  const MmaDeviceFacts& dev = mma_device_facts();
+  if (!dev.known) return none;
+  const int nb = static_cast<int>(p.k / kMmaBlock);
+  auto smem = [&](int tokens, int split) {
+    return static_cast<int64_t>(mma_smem_bytes(tokens, p.k, 2, (nb + split - 1) / split));
+  };
+  // Tokens per CTA: 16, or what fits of long rows (one CTA an SM).
+  const int64_t room = dev.smem_optin - kStaticSmemRoom;
+  int tokens = 0;
+  for (int t = kMmaTokens; t >= 1 && tokens == 0; --t)
+    if (smem(t, 1) <= room) tokens = t;
+  if (tokens < 1) return none;
+  // Fewer token groups than SMs: on Hopper a cluster shares each group's blocks of positions,
+  // at least one block per warp a CTA.
+  const int64_t groups = (p.m + tokens - 1) / tokens;
+  int split = 1;
+  if (dev.clusters && groups < p.num_sms) {
+    const int64_t want = (p.num_sms + groups - 1) / groups;
+    const int64_t most = nb / kMmaWarps;
+    split = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, most, kMaxMmaCluster})));
+  }
+  return MmaLaunch{tokens, split};
+}
+
+cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
+  if (l.tokens < 1 || l.tokens > kMmaTokens || l.split < 1 || l.split > kMaxMmaCluster) return cudaErrorInvalidValue;
+  return p.x_dtype == DType::kFloat16 ? launch_mma<DType::kFloat16>(p, l, chain, stream)
+                                      : launch_mma<DType::kBFloat16>(p, l, chain, stream);
+}
+
+}  // namespace kernels
+}  // namespace duquant
