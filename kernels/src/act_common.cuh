@@ -54,11 +54,12 @@ RowsLaunch act_quant_rows_plan(const ActQuantParams& p);
 cudaError_t act_quant_rows(const ActQuantParams& p, const RowsLaunch& launch, bool chain, cudaStream_t stream);
 
 // act_quant_mma.cu: the tensor-core input kernel (float16/bfloat16 x, B = 16, codes). How it runs:
-// tokens per CTA (0: it does not apply), and the CTAs of a cluster sharing each token group's
-// positions (Hopper).
+// tokens per CTA (0: it does not apply), the CTAs of a cluster sharing each token group's
+// positions (Hopper), and whether each warp holds its rotated blocks.
 struct MmaLaunch {
   int tokens = 0;
   int split = 1;
+  bool hold = false;  // each warp's blocks fit its registers: rotated once, not twice
 };
 MmaLaunch act_quant_mma_plan(const ActQuantParams& p);
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& launch, bool chain, cudaStream_t stream);

@@ -203,9 +203,11 @@ bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 // up to ~6900 16-bit values). Measured on an H200 (benchmarks/fast_path_breakdown.py): below that
 // the row kernel's single pass is quicker (K = 1024, M = 256: 5.1 us against 7.6); past it the
 // float32 kernels lose (K = 2048, M = 4096: 45 us against 25; K = 4096: 130 against 60). Longer rows
-// leave it 5 tokens a CTA, no faster than the two passes (K = 16384, M = 1024: 170 us against 159).
+// leave it fewer tokens a CTA (5 at K = 16384): it wins only with several token groups per SM
+// (M = 4096: 522 us against 582) and loses below (M = 1024: 175 against 158).
 constexpr int64_t kMmaMinElements = int64_t{1} << 19;
 constexpr int kMmaAutoTokens = 16;
+constexpr int64_t kMmaLongRowGroupsPerSm = 4;
 
 // The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
 // where, measured on an H200 (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens
@@ -214,9 +216,12 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
   ActQuantPlan plan;
   if (p.kernel == InputKernel::kMma || (p.kernel == InputKernel::kAuto && p.m * p.k >= kMmaMinElements)) {
     const MmaLaunch mma = act_quant_mma_plan(p);
-    if (mma.tokens >= (p.kernel == InputKernel::kAuto ? kMmaAutoTokens : 1)) {
+    const bool auto_ok = mma.tokens == kMmaAutoTokens ||
+                         (mma.tokens > 0 && p.m >= kMmaLongRowGroupsPerSm * mma.tokens * p.num_sms);
+    if (mma.tokens > 0 && (p.kernel == InputKernel::kMma || auto_ok)) {
       plan.mma_tokens = mma.tokens;
       plan.mma_split = mma.split;
+      plan.mma_hold = mma.hold;
       return plan;
     }
   }
@@ -240,8 +245,8 @@ cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStr
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
   if (plan.mma_tokens > 0)
-    return act_quant_mma(p, MmaLaunch{plan.mma_tokens, plan.mma_split}, p.chain && p.m <= kChainFirstKernelMaxM,
-                         stream);
+    return act_quant_mma(p, MmaLaunch{plan.mma_tokens, plan.mma_split, plan.mma_hold},
+                         p.chain && p.m <= kChainFirstKernelMaxM, stream);
   if (plan.row_tokens > 0)
     return act_quant_rows(p, RowsLaunch{plan.row_tokens, plan.row_cluster, plan.row_split},
                           p.chain && p.m <= kChainFirstKernelMaxM, stream);

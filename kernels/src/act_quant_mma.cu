@@ -7,19 +7,20 @@
 //   R = hi + lo, each rounded to tf32, x·R = x·lo + x·hi. What is left of R is below 2^-22 of it,
 //   the order of float32's own summation error: the codes are the reference's but for values on a
 //   rounding boundary (DESIGN §2), like the float32 kernels'.
-// - A CTA stages whole token rows in shared memory (the permutation reads anywhere in the row),
-//   runs its positions twice (the rotation is cheap now; holding the rotated row in registers is
-//   not): pass 1 finds each token's max |x'|, pass 2 rotates again, bit for bit the same, and
-//   writes codes. On Hopper a cluster of CTAs can share a row's positions (for parallelism at
-//   small M), swapping per-token maxima through distributed shared memory.
+// - A CTA stages whole token rows in shared memory (the permutation reads anywhere in the row).
+//   Pass 1 finds each token's max |x'|; pass 2 writes codes. Where a warp's share of the row is at
+//   most 8 blocks (64 values a lane) it keeps them rotated in registers between the passes;
+//   otherwise pass 2 rotates again, bit for bit the same. On Hopper a cluster of CTAs can share a
+//   row's positions (for parallelism at small M), swapping per-token maxima through distributed
+//   shared memory.
 // - The division by the scale is a reciprocal multiply with one exact correction step: the
 //   correctly rounded quotient in three instructions. No conversion instructions in the loops
 //   (tf32 rounding and float-to-int are bit tricks): they run at a quarter of the FMA rate.
 //
-// Measured on an H200 (benchmarks/fast_path_breakdown.py): M = 4096, K = 2048 in 25 us (the row
-// kernel: 45), K = 4096 in 60 (130). It is bound by instruction issue, not memory (x and the codes
-// alone would take ~6 us): per block and lane pass 1 runs ~140 instructions (SASS), most of them
-// the rotation's loads and tf32 splits and the gather addresses, for 8 values.
+// Measured on an H200 (benchmarks/fast_path_breakdown.py): M = 4096, K = 2048 in 25.6 us (the row
+// kernel: 45), K = 4096 in 61 (130). It is bound by instruction issue, not memory (x and the codes
+// alone would take ~6 us): per block and lane a rotation pass runs ~140 instructions (SASS), most
+// of them the rotation's loads and tf32 splits and the gather addresses, for 8 values.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -173,8 +174,9 @@ __host__ __device__ inline size_t mma_smem_bytes(int tokens, int64_t k, int esz,
 }
 
 // Grid: (token groups of `tokens`, split); clusters of `split` CTAs along y share a token group.
-// MT m-tiles (16 tokens each) per warp, WARPS warps.
-template <int MT, int WARPS, DType DT>
+// MT m-tiles (16 tokens each) per warp, WARPS warps; HOLD > 0: a warp has at most HOLD blocks and
+// keeps them rotated in registers (one rotation pass), 0: any number, rotated twice.
+template <int MT, int WARPS, DType DT, int HOLD>
 __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParams p, int tokens) {
   constexpr int ESZ = act::dtype_bytes(DT);
   constexpr int TM = 16 * MT;
@@ -244,24 +246,61 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   const float* r_in = p.transform.r_in;
   const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
 
+  float mx[MT][2] = {};  // this lane's max |x'| of rows g, g+8 of each m-tile
+  auto track_max = [&](const float (&acc)[MT][2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        mx[mt][0] = fmaxf(mx[mt][0], fmaxf(fabsf(acc[mt][nt][0]), fabsf(acc[mt][nt][1])));
+        mx[mt][1] = fmaxf(mx[mt][1], fmaxf(fabsf(acc[mt][nt][2]), fabsf(acc[mt][nt][3])));
+      }
+  };
+  float s[MT][2], inv[MT][2];  // the scales of rows g, g+8 (set once they are known)
+  auto store_codes = [&](int b, const float (&acc)[MT][2][4]) {  // two adjacent codes per store
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!valid[mt][h]) continue;
+        int8_t* out = p.codes + (row0 + 16 * mt + g + 8 * h) * p.k + b * kMmaBlock + 2 * c;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const uint32_t lo = code_bits(acc[mt][nt][2 * h], s[mt][h], inv[mt][h], qmax);
+          const uint32_t hi = code_bits(acc[mt][nt][2 * h + 1], s[mt][h], inv[mt][h], qmax);
+          *reinterpret_cast<unsigned short*>(out + 8 * nt) = static_cast<unsigned short>(__byte_perm(lo, hi, 0x0040));
+        }
+      }
+  };
+  const int first = b_begin + warp;
+
+  // HOLD: the warp's blocks (at most HOLD) are rotated once and kept in registers until the scale
+  // is known. Otherwise pass 1 rotates them for the max and pass 2 again for the codes.
+  float held[HOLD > 0 ? HOLD : 1][MT][2][4];
+  if constexpr (HOLD > 0) {
+    const int last = b_end - 1;  // >= b_begin: a CTA has blocks
+    BlockRot nxt = fetch_rot(r_in, first < last ? first : last, lane);
+#pragma unroll
+    for (int i = 0; i < HOLD; ++i) {
+      const int b = first + i * WARPS;
+      const BlockRot cur = nxt;
+      if (i + 1 < HOLD) nxt = fetch_rot(r_in, b + WARPS < last ? b + WARPS : last, lane);
+      if (b < b_end) {
+        rotate_block<MT, DT>(smem, cur, srcs[(b - b_begin) * 4 + c], row_off, held[i]);
+        track_max(held[i]);
+      }
+    }
+  } else if (!p.static_scale) {
+    for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, first, b_end, lane, row_off,
+                                   [&](int, const float (&acc)[MT][2][4]) { track_max(acc); });
+  }
+
   if (p.static_scale) {
     if (tid < rows) {
       scale_s[tid] = __ldg(p.static_scale);
       if (p.scales && blockIdx.y == 0) p.scales[row0 + tid] = scale_s[tid];
     }
   } else {
-    // Pass 1: each token's max |x'| over this CTA's positions.
-    float mx[MT][2] = {};
-    for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, b_begin + warp, b_end, lane, row_off,
-                                   [&](int, const float (&acc)[MT][2][4]) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          mx[mt][0] = fmaxf(mx[mt][0], fmaxf(fabsf(acc[mt][nt][0]), fabsf(acc[mt][nt][1])));
-          mx[mt][1] = fmaxf(mx[mt][1], fmaxf(fabsf(acc[mt][nt][2]), fabsf(acc[mt][nt][3])));
-        }
-    });
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -296,9 +335,6 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
     }
   }
   __syncthreads();
-
-  // Pass 2: the same rotation again, quantized; two adjacent codes per store.
-  float s[MT][2], inv[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -306,22 +342,14 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       s[mt][h] = scale_s[valid[mt][h] ? 16 * mt + g + 8 * h : 0];
       inv[mt][h] = 1.f / s[mt][h];
     }
-  for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, b_begin + warp, b_end, lane, row_off,
-                                 [&](int b, const float (&acc)[MT][2][4]) {
+
+  if constexpr (HOLD > 0) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (!valid[mt][h]) continue;
-        int8_t* out = p.codes + (row0 + 16 * mt + g + 8 * h) * p.k + b * kMmaBlock + 2 * c;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const uint32_t lo = code_bits(acc[mt][nt][2 * h], s[mt][h], inv[mt][h], qmax);
-          const uint32_t hi = code_bits(acc[mt][nt][2 * h + 1], s[mt][h], inv[mt][h], qmax);
-          *reinterpret_cast<unsigned short*>(out + 8 * nt) = static_cast<unsigned short>(__byte_perm(lo, hi, 0x0040));
-        }
-      }
-  });
+    for (int i = 0; i < HOLD; ++i)
+      if (first + i * WARPS < b_end) store_codes(first + i * WARPS, held[i]);
+  } else {
+    for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, first, b_end, lane, row_off, store_codes);
+  }
 }
 
 // What the launch needs to know of the device; asked once per device.
@@ -342,7 +370,7 @@ const MmaDeviceFacts& mma_device_facts() {
     cudaFuncAttributes attr = {};
     if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, rotate_mma_kernel<1, 8, DType::kBFloat16>) != cudaSuccess)
+        cudaFuncGetAttributes(&attr, rotate_mma_kernel<1, 8, DType::kBFloat16, 0>) != cudaSuccess)
       return none;
     f.clusters = major >= 9 && attr.ptxVersion >= 90;
     f.known = major >= 8;  // mma.sync tf32 and cp.async: Ampere on
@@ -359,9 +387,13 @@ constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 
 constexpr int kMmaTokens = 16;
 constexpr int kMmaWarps = 8;
 
-template <DType DT>
+// Blocks a warp keeps rotated in registers (64 values a lane) where a CTA has at most this many
+// per warp: one rotation pass instead of two.
+constexpr int kMmaHold = 8;
+
+template <DType DT, int HOLD>
 cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
-  constexpr auto kernel = rotate_mma_kernel<1, kMmaWarps, DT>;
+  constexpr auto kernel = rotate_mma_kernel<1, kMmaWarps, DT, HOLD>;
   if (cudaError_t e = allow_dynamic_smem<kernel>(mma_device_facts().smem_optin - kStaticSmemRoom); e != cudaSuccess)
     return e;
   const int nb = static_cast<int>(p.k / kMmaBlock);
@@ -369,6 +401,11 @@ cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, 
   const dim3 grid(static_cast<unsigned>((p.m + l.tokens - 1) / l.tokens), static_cast<unsigned>(l.split));
   return launch_kernel_clustered(kernel, grid, dim3(kMmaWarps * 32), smem, stream, chain,
                                  dim3(1, static_cast<unsigned>(l.split), 1), p, l.tokens);
+}
+
+template <DType DT>
+cudaError_t launch_mma_hold(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
+  return l.hold ? launch_mma<DT, kMmaHold>(p, l, chain, stream) : launch_mma<DT, 0>(p, l, chain, stream);
 }
 
 }  // namespace
@@ -391,22 +428,26 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   for (int t = kMmaTokens; t >= 1 && tokens == 0; --t)
     if (smem(t, 1) <= room) tokens = t;
   if (tokens < 1) return none;
-  // Fewer token groups than SMs: on Hopper a cluster shares each group's blocks of positions,
-  // at least one block per warp a CTA.
+  // Fewer token groups than SMs: on Hopper a cluster shares each group's blocks of positions, at
+  // least one block per warp a CTA. Where a CTA's share then fits the warps' registers, they hold
+  // it: one rotation pass (M = 1024, K = 2048: 14.1 -> 11.9 us on an H200). Splitting only to get
+  // there costs more than the pass saves (M = 4096, K = 2048: 25 -> 30 us; every CTA of a cluster
+  // stages the whole rows).
   const int64_t groups = (p.m + tokens - 1) / tokens;
   int split = 1;
   if (dev.clusters && groups < p.num_sms) {
     const int64_t want = (p.num_sms + groups - 1) / groups;
-    const int64_t most = nb / kMmaWarps;
-    split = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, most, kMaxMmaCluster})));
+    const int64_t most = std::max<int64_t>(1, nb / kMmaWarps);
+    split = static_cast<int>(std::min<int64_t>({want, most, kMaxMmaCluster}));
   }
-  return MmaLaunch{tokens, split};
+  const bool hold = (nb + split - 1) / split <= int64_t{kMmaHold} * kMmaWarps;
+  return MmaLaunch{tokens, split, hold};
 }
 
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
   if (l.tokens < 1 || l.tokens > kMmaTokens || l.split < 1 || l.split > kMaxMmaCluster) return cudaErrorInvalidValue;
-  return p.x_dtype == DType::kFloat16 ? launch_mma<DType::kFloat16>(p, l, chain, stream)
-                                      : launch_mma<DType::kBFloat16>(p, l, chain, stream);
+  return p.x_dtype == DType::kFloat16 ? launch_mma_hold<DType::kFloat16>(p, l, chain, stream)
+                                      : launch_mma_hold<DType::kBFloat16>(p, l, chain, stream);
 }
 
 }  // namespace kernels

@@ -65,6 +65,7 @@ struct ActQuantPlan {
   int row_split = 1;           // CTAs of a cluster sharing each row
   int mma_tokens = 0;          // tokens per CTA of the tensor-core kernel; 0 = not that one
   int mma_split = 1;           // its CTAs of a cluster sharing each token group
+  bool mma_hold = false;       // its warps keep their rotated blocks in registers (one pass)
   size_t workspace_bytes = 0;  // scratch the two passes need with dynamic scales (else 0)
 };
 ActQuantPlan act_quant_plan(const ActQuantParams& p);
