@@ -445,7 +445,12 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
 }
 
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
-  if (l.tokens < 1 || l.tokens > kMmaTokens || l.split < 1 || l.split > kMaxMmaCluster) return cudaErrorInvalidValue;
+  // A launch its plan would not make (a hand-built one): refused, not run with blocks unwritten.
+  const int64_t nb = p.k / kMmaBlock, per_cta = (nb + l.split - 1) / std::max(l.split, 1);
+  if (l.tokens < 1 || l.tokens > kMmaTokens || l.split < 1 || l.split > kMaxMmaCluster || p.k % kMmaBlock != 0 ||
+      p.k > 32768 || p.x_dtype == DType::kFloat32 || (l.hold && per_cta > int64_t{kMmaHold} * kMmaWarps) ||
+      reinterpret_cast<uintptr_t>(p.codes) % 2 != 0)
+    return cudaErrorInvalidValue;
   return p.x_dtype == DType::kFloat16 ? launch_mma_hold<DType::kFloat16>(p, l, chain, stream)
                                       : launch_mma_hold<DType::kBFloat16>(p, l, chain, stream);
 }
