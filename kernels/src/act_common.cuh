@@ -1,6 +1,7 @@
 #pragma once
 // Shared by the input kernels (act_quant.cu, act_quant_rows.cu, act_quant_mma.cu): element access,
 // rounding, and the row and tensor-core kernels' entry points for act_quant()'s dispatch.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -33,6 +34,42 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
   return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
 }
 
+// Token scales of a CTA's `rows` tokens from row0 on, into scale_s (shared memory) and, by the
+// first CTA of a cluster, p.scales. static_token_scales: the layer's static scale.
+// token_scales_from_max: scale_s[0..rows) holds this CTA's max |x'| per token over its positions;
+// the CTAs of a cluster along y (gridDim.y of them, sharing the tokens' positions) swap maxima
+// through distributed shared memory, then s_t = max(max|x'| / qmax, 1e-8). Every thread of the
+// CTA calls it (cluster barriers).
+__device__ __forceinline__ void static_token_scales(const ActQuantParams& p, float* scale_s, int rows, int64_t row0) {
+  const int t = threadIdx.x;
+  if (t < rows) {
+    scale_s[t] = __ldg(p.static_scale);
+    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+  }
+}
+
+__device__ __forceinline__ void token_scales_from_max(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
+                                                      float qmax) {
+  const int t = threadIdx.x;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int split = gridDim.y;
+  if (split > 1) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's max is in its shared memory
+    float v = 0.f;
+    if (t < rows)
+      for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[t], q));
+    cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
+    if (t < rows) scale_s[t] = v;
+  }
+#endif
+  if (t < rows) {
+    scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
+    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+  }
+}
+
 // Zeroes what the GEMM after the input kernels needs zeroed (its split-k arrival counters): the
 // first CTA, after the chain wait (until then the memory may still be another kernel's).
 __device__ __forceinline__ void clear_for_gemm(const ActQuantParams& p) {
@@ -41,6 +78,17 @@ __device__ __forceinline__ void clear_for_gemm(const ActQuantParams& p) {
 }
 
 }  // namespace act
+
+// Facts of the current device the input kernels' launch choices need; asked once per device
+// (act_quant_rows.cu). known = false where the queries failed.
+struct DeviceFacts {
+  bool known = false;
+  int major = 0;              // compute capability
+  int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
+  bool clusters = false;      // Hopper or newer, and the kernels built for it (a binary without sm_90
+                              // code would run the cluster variants without their max exchange)
+};
+const DeviceFacts& device_facts();
 
 // act_quant_rows.cu: the one-kernel input side for rows that fit on one SM. How it runs for given
 // parameters: tokens per CTA (0: a row does not fit, the two-pass kernels run), and whether a
@@ -56,6 +104,7 @@ cudaError_t act_quant_rows(const ActQuantParams& p, const RowsLaunch& launch, bo
 // act_quant_mma.cu: the tensor-core input kernel (float16/bfloat16 x, B = 16, codes). How it runs:
 // tokens per CTA (0: it does not apply), the CTAs of a cluster sharing each token group's
 // positions (Hopper), and whether each warp holds its rotated blocks.
+constexpr int kMmaTokens = 16;  // tokens a CTA takes, fewer only where long rows do not fit
 struct MmaLaunch {
   int tokens = 0;
   int split = 1;

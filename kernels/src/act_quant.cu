@@ -206,7 +206,6 @@ bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 // leave it fewer tokens a CTA (5 at K = 16384): it wins only with several token groups per SM
 // (M = 4096: 522 us against 582) and loses below (M = 1024: 175 against 158).
 constexpr int64_t kMmaMinElements = int64_t{1} << 19;
-constexpr int kMmaAutoTokens = 16;
 constexpr int64_t kMmaLongRowGroupsPerSm = 4;
 
 // The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
@@ -216,7 +215,7 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
   ActQuantPlan plan;
   if (p.kernel == InputKernel::kMma || (p.kernel == InputKernel::kAuto && p.m * p.k >= kMmaMinElements)) {
     const MmaLaunch mma = act_quant_mma_plan(p);
-    const bool auto_ok = mma.tokens == kMmaAutoTokens ||
+    const bool auto_ok = mma.tokens == kMmaTokens ||
                          (mma.tokens > 0 && p.m >= kMmaLongRowGroupsPerSm * mma.tokens * p.num_sms);
     if (mma.tokens > 0 && (p.kernel == InputKernel::kMma || auto_ok)) {
       plan.mma_tokens = mma.tokens;

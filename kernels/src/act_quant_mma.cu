@@ -21,8 +21,6 @@
 // kernel: 45), K = 4096 in 61 (130). It is bound by instruction issue, not memory (x and the codes
 // alone would take ~6 us): per block and lane a rotation pass runs ~140 instructions (SASS), most
 // of them the rotation's loads and tf32 splits and the gather addresses, for 8 values.
-#include <cooperative_groups.h>
-
 #include <algorithm>
 
 #include "act_common.cuh"
@@ -296,10 +294,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   }
 
   if (p.static_scale) {
-    if (tid < rows) {
-      scale_s[tid] = __ldg(p.static_scale);
-      if (p.scales && blockIdx.y == 0) p.scales[row0 + tid] = scale_s[tid];
-    }
+    act::static_token_scales(p, scale_s, rows, row0);
   } else {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -315,24 +310,9 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v = fmaxf(v, warp_max[w][tid]);
-      scale_s[tid] = v;  // this CTA's max; the scale once the cluster's maxima are in
+      scale_s[tid] = v;  // this CTA's max
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1) {
-      namespace cg = cooperative_groups;
-      cg::cluster_group cluster = cg::this_cluster();
-      cluster.sync();  // every CTA's max is in its shared memory
-      float v = 0.f;
-      if (tid < rows)
-        for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[tid], q));
-      cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
-      if (tid < rows) scale_s[tid] = v;
-    }
-#endif
-    if (tid < rows) {
-      scale_s[tid] = fmaxf(scale_s[tid] / qmax, 1e-8f);
-      if (p.scales && blockIdx.y == 0) p.scales[row0 + tid] = scale_s[tid];
-    }
+    act::token_scales_from_max(p, scale_s, rows, row0, qmax);
   }
   __syncthreads();
 #pragma unroll
@@ -352,39 +332,11 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   }
 }
 
-// What the launch needs to know of the device; asked once per device.
-struct MmaDeviceFacts {
-  bool known = false;
-  int smem_optin = 0;
-  bool clusters = false;  // Hopper or newer, and this kernel built for it
-};
-
-const MmaDeviceFacts& mma_device_facts() {
-  static MmaDeviceFacts facts[64];
-  static const MmaDeviceFacts none;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return none;
-  MmaDeviceFacts& f = facts[dev];
-  if (!f.known) {
-    int major = 0;
-    cudaFuncAttributes attr = {};
-    if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, rotate_mma_kernel<1, 8, DType::kBFloat16, 0>) != cudaSuccess)
-      return none;
-    f.clusters = major >= 9 && attr.ptxVersion >= 90;
-    f.known = major >= 8;  // mma.sync tf32 and cp.async: Ampere on
-    if (!f.known) return none;
-  }
-  return f;
-}
-
 constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 floats) and slack
 
-// One m-tile (16 tokens) a warp, 8 warps. Two m-tiles and 16 warps (the rotation's loads and
-// splits serving 32 tokens) measured slower on an H200: one CTA an SM, 25 -> 33 us at M = 4096,
-// K = 2048.
-constexpr int kMmaTokens = 16;
+// One m-tile (16 tokens, kMmaTokens) a warp, 8 warps. Two m-tiles and 16 warps (the rotation's
+// loads and splits serving 32 tokens) measured slower on an H200: one CTA an SM, 25 -> 33 us at
+// M = 4096, K = 2048.
 constexpr int kMmaWarps = 8;
 
 // Blocks a warp keeps rotated in registers (64 values a lane) where a CTA has at most this many
@@ -394,7 +346,7 @@ constexpr int kMmaHold = 8;
 template <DType DT, int HOLD>
 cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
   constexpr auto kernel = rotate_mma_kernel<1, kMmaWarps, DT, HOLD>;
-  if (cudaError_t e = allow_dynamic_smem<kernel>(mma_device_facts().smem_optin - kStaticSmemRoom); e != cudaSuccess)
+  if (cudaError_t e = allow_dynamic_smem<kernel>(device_facts().smem_optin - kStaticSmemRoom); e != cudaSuccess)
     return e;
   const int nb = static_cast<int>(p.k / kMmaBlock);
   const size_t smem = mma_smem_bytes(l.tokens, p.k, act::dtype_bytes(DT), (nb + l.split - 1) / l.split);
@@ -416,8 +368,8 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   if (p.x_dtype == DType::kFloat32 || p.transform.block != kMmaBlock || p.transform.smooth != nullptr ||
       p.abits < 2 || p.abits > 8 || p.k % kMmaBlock != 0 || p.m < 1 || p.k < kMmaBlock || p.k > 32768)
     return none;
-  const MmaDeviceFacts& dev = mma_device_facts();
-  if (!dev.known) return none;
+  const DeviceFacts& dev = device_facts();
+  if (!dev.known || dev.major < 8) return none;  // mma.sync tf32 and cp.async: Ampere on
   const int nb = static_cast<int>(p.k / kMmaBlock);
   auto smem = [&](int tokens, int split) {
     return static_cast<int64_t>(mma_smem_bytes(tokens, p.k, 2, (nb + split - 1) / split));

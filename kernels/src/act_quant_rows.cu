@@ -9,8 +9,6 @@
 // At one token per CTA a CTA's chunks are a serial chain of L2 round trips (about 1 us each on
 // an H200), so on Hopper a cluster of up to 8 CTAs shares a token's chunks and swaps the per-token
 // maxima through distributed shared memory.
-#include <cooperative_groups.h>
-
 #include "act_common.cuh"
 #include "duquant_kernels/kernels.h"
 #include "launch.cuh"
@@ -177,10 +175,7 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
   const float qmax = p.abits > 0 ? static_cast<float>((1 << (p.abits - 1)) - 1) : 0.f;
   if (p.abits > 0) {
     if (p.static_scale) {
-      if (t < rows) {
-        scale_s[t] = __ldg(p.static_scale);
-        if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
-      }
+      act::static_token_scales(p, scale_s, rows, row0);
     } else {
       const int lane = t & 31, warp = t >> 5;
 #pragma unroll
@@ -199,24 +194,9 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
         float v = 0.f;
 #pragma unroll
         for (int i = 0; i < kRowThreads / 32; ++i) v = fmaxf(v, red[t][i]);
-        scale_s[t] = v;  // this CTA's max; the scale once the cluster's maxima are in
+        scale_s[t] = v;  // this CTA's max
       }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if (split > 1) {
-        namespace cg = cooperative_groups;
-        cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();  // every CTA's max is in its shared memory
-        float v = 0.f;
-        if (t < rows)
-          for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[t], q));
-        cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
-        if (t < rows) scale_s[t] = v;
-      }
-#endif
-      if (t < rows) {
-        scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
-        if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
-      }
+      act::token_scales_from_max(p, scale_s, rows, row0, qmax);
     }
     __syncthreads();
   }
@@ -236,33 +216,6 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
         p.codes[idx] = act::to_code(vals[lc * T + r], scale_s[r], qmax);
     }
   }
-}
-
-// Facts of the current device the launch choices need; asked once per device.
-struct DeviceFacts {
-  bool known = false;
-  int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
-  bool clusters = false;      // Hopper or newer, and the cluster kernels built for it (a binary
-                              // without sm_90 code would run them without their max exchange)
-};
-
-const DeviceFacts& device_facts() {
-  static DeviceFacts facts[64];
-  static const DeviceFacts none;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return none;
-  DeviceFacts& f = facts[dev];
-  if (!f.known) {
-    int major = 0;
-    cudaFuncAttributes attr = {};
-    if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, rotate_rows_kernel<1, kClusterChunks, 16, DType::kBFloat16>) != cudaSuccess)
-      return none;
-    f.clusters = major >= 9 && attr.ptxVersion >= 90;  // the virtual architecture it was compiled for
-    f.known = true;
-  }
-  return f;
 }
 
 template <int T, int NCH, int BS, DType DT>
@@ -295,6 +248,24 @@ cudaError_t launch_rows_block(const ActQuantParams& p, int split, bool chain, cu
 }
 
 }  // namespace
+
+const DeviceFacts& device_facts() {
+  static DeviceFacts facts[64];
+  static const DeviceFacts none;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return none;
+  DeviceFacts& f = facts[dev];
+  if (!f.known) {
+    cudaFuncAttributes attr = {};
+    if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, rotate_rows_kernel<1, kClusterChunks, 16, DType::kBFloat16>) != cudaSuccess)
+      return none;
+    f.clusters = f.major >= 9 && attr.ptxVersion >= 90;  // the virtual architecture it was compiled for
+    f.known = true;
+  }
+  return f;
+}
 
 RowsLaunch act_quant_rows_plan(const ActQuantParams& p) {
   RowsLaunch none;
