@@ -17,7 +17,7 @@ from torch import nn
 import duquant_ext as dq
 from linear_speed import EXPERT_SHAPES, LLM_SHAPES, module_bytes, time_graph
 
-TILES = ["stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
+TILES = ["gemv", "stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
 
 
 def replicas(module, rotate_bytes, max_copies):
@@ -29,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,16,50,64,128,256", help="token counts (comma-separated)")
     ap.add_argument("--splits", default="1,2,4,8", help="split-k counts to try per tile (comma-separated)")
+    ap.add_argument("--tiles", default=",".join(TILES), help="tile shapes to force (comma-separated)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rotate-l2", type=float, default=4.0,
                     help="replicate weights until the copies span this many L2 sizes")
@@ -40,10 +41,14 @@ def main():
     props = torch.cuda.get_device_properties(0)
     rotate_bytes = args.rotate_l2 * getattr(props, "L2_cache_size", 50 << 20)
     split_counts = [int(v) for v in args.splits.split(",")]
+    tiles = [v for v in args.tiles.split(",") if v]
+    unknown = sorted(set(tiles) - set(TILES))
+    if unknown:
+        ap.error(f"--tiles: unknown or unavailable here: {', '.join(unknown)} (choose from {', '.join(TILES)})")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, W4A8, bf16 input; µs per call "
           f"(median of {args.repeats}); tile columns: fastest time/its split count; 1-split: fastest unsplit; "
           f"best = fastest forced tile and split")
-    print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>10}" for t in TILES)
+    print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>10}" for t in tiles)
           + f" {'1-split':>8} {'auto':>7} {'best':>10} {'auto/best':>9}", flush=True)
     try:
         for k, n in LLM_SHAPES + EXPERT_SHAPES:
@@ -56,7 +61,7 @@ def main():
                 with torch.no_grad():
                     t_bf16 = time_graph(theirs, x, args.repeats, 2.0)[0]
                     t = {}
-                    for tile in TILES:  # the switches are read when a graph is captured
+                    for tile in tiles:  # the switches are read when a graph is captured
                         for splits in split_counts if tile == "64x64" else [1]:  # the one tile that splits
                             dq._C.set_gemm_tile(tile)
                             dq._C.set_gemm_splits(splits)
@@ -65,10 +70,10 @@ def main():
                     dq._C.set_gemm_splits(0)
                     t_auto = time_graph(ours, x, args.repeats, 2.0)[0]
                 cells = []
-                for tile in TILES:
+                for tile in tiles:
                     s_best = min((c for c in split_counts if (tile, c) in t), key=lambda c: t[tile, c])
                     cells.append(f"{t[tile, s_best]:>7.1f}/{s_best:<2}")
-                unsplit = min(t[tile, 1] for tile in TILES) if 1 in split_counts else float("nan")
+                unsplit = min(t[tile, 1] for tile in tiles) if 1 in split_counts else float("nan")
                 best = min(t, key=t.get)
                 print(f"{k:>5}->{n:<6} {m:>4} {t_bf16:>7.1f} " + " ".join(cells) + f" {unsplit:>8.1f} {t_auto:>7.1f} "
                       f"{best[0] + '/' + str(best[1]):>10} {t_auto / t[best]:>9.2f}", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build everything against the GPU machine's PyTorch (CUDA), run every test, then the given steps.
-# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [tiles] [install]
+# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [tiles] [ncu] [install]
 # nlohmann/CLI11 headers come from .deps/include when the machine has no packages for them.
 set -uo pipefail
 OUT=${1:?output folder}; shift
@@ -19,6 +19,15 @@ for step in "$@"; do
     e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
     breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
     tiles) python3 benchmarks/gemm_tile_sweep.py >"$OUT/gemm_tiles.txt" 2>&1; cat "$OUT/gemm_tiles.txt" ;;
+    ncu)  # per-kernel profile of one layer call per shape (NCU_SHAPES="K,N,M K,N,M ..."): time, occupancy, stalls
+      for shape in ${NCU_SHAPES:-2048,256,1024 1024,256,1024 2048,2048,256 1024,4096,64 2048,2048,1024}; do
+        IFS=, read -r k n m <<<"$shape"
+        /usr/local/cuda/bin/ncu -k regex:"rotate_|int_gemm|wo_gemm|quantize_chunk" --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+          ${NCU_ARGS:-} python3 benchmarks/profile_one.py "$k" "$n" "$m" >/tmp/ncu_one.txt 2>&1
+        { echo "=== K=$k N=$n M=$m"; cat /tmp/ncu_one.txt; } >>"$OUT/ncu.txt"
+        grep -E '^  [a-z_]+.*\(|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Grid Size|Issued Ipc|DRAM Through|L2 Cache Through' /tmp/ncu_one.txt | sed "s/^/$shape /"
+      done ;;
     breakdown-unchained) DUQUANT_CHAIN_KERNELS=0 python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown_unchained.txt" 2>&1; cat "$OUT/breakdown_unchained.txt" ;;
     install)  # the installed C++ package and the pip package, as a user gets them
       SRC=$PWD

@@ -61,6 +61,15 @@ __device__ __forceinline__ void for_each_acc(int wm, int wn, int g, int t, F&& f
         f(wm * (BM / WM) + i * 16 + g + (e >= 2 ? 8 : 0), wn * (BN / WN) + j * 8 + 2 * t + (e & 1), i, j, e);
 }
 
+// D = A B + D on the tensor cores, int8 x int8 -> int32, m16n8k32 (A row-major, B column-major).
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // 8 packed nibbles (k = 0..7, low nibble first) -> two int8x4 registers holding 16 x value.
 __device__ __forceinline__ void unpack_nibbles_x16(uint32_t w, uint32_t& lo, uint32_t& hi) {
   const uint32_t even = (w << 4) & 0xF0F0F0F0u;  // nibbles 0, 2, 4, 6 in the high halves of bytes 0..3
@@ -338,6 +347,10 @@ __device__ __forceinline__ bool split_k_gather(const SplitK& sk, int* tile_i) {
 bool wgmma_gemm_usable(const IntGemmParams& p);
 // 128 x bn output tiles, bn 128 or 256.
 cudaError_t int_gemm_wgmma(const IntGemmParams& p, int bn, cudaStream_t stream);
+
+// int_gemv.cu: the decode-size kernel (M <= 16, int4 weights, K a multiple of 128).
+bool gemv_usable(const IntGemmParams& p);
+cudaError_t int_gemv(const IntGemmParams& p, cudaStream_t stream);
 
 // Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
 constexpr int kMaxSmemBytes = 227 * 1024;

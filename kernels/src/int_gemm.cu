@@ -23,14 +23,6 @@ namespace kernels {
 namespace {
 using namespace gemm;
 
-__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // BM x BN output tile per CTA; WM x WN x WK warps (WK > 1 splits each stage's k range among warps
 // and sums their partial tiles in shared memory); STAGES-deep cp.async pipeline.
 template <int BM_, int BN_, int WM, int WN, int WK, int STAGES, int WBITS>
@@ -219,6 +211,7 @@ TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
     case GemmTile::kTile32: return {32, 32, 512};
     case GemmTile::kTile64: return {64, 64, 256};
     case GemmTile::kWgmma256: return {128, 256, 128};
+    case GemmTile::kGemv: return {16, 16, 128};
     default: return {128, 128, 128};  // kTile128, kWgmma128
   }
 }
@@ -278,7 +271,13 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const bool wgmma_ok = wgmma_usable(p);
   GemmTile forced = p.tile;
   if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_ok) forced = GemmTile::kAuto;
-  plan.tile = forced != GemmTile::kAuto ? forced : long_rows ? GemmTile::kTile64 : auto_tile(p);
+  const bool gemv_ok = gemv_usable(p);
+  if (forced == GemmTile::kGemv && !gemv_ok) forced = GemmTile::kAuto;
+  // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu).
+  plan.tile = forced != GemmTile::kAuto ? forced
+              : gemv_ok                 ? GemmTile::kGemv
+              : long_rows               ? GemmTile::kTile64
+                                        : auto_tile(p);
   // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
   // one, the wider where it can (benchmarks/gemm_tile_sweep.py, H200: it won every such cell,
   // 2048->16384 at M = 4096 711 us against 1063 for 128x128 mma.sync tiles; with fewer tiles the
@@ -326,6 +325,7 @@ bool wgmma_gemm_available() {
 cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.tile == GemmTile::kGemv) return int_gemv(p, stream);
 #ifdef DUQUANT_KERNELS_WGMMA
   if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {
     if (!wgmma_usable(p)) return cudaErrorInvalidValue;  // a plan made for other weights or another device

@@ -41,8 +41,8 @@ class KernelChoice {
 };
 
 KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"});  // kernels::InputKernel
-KernelChoice<7> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
-                                          "wgmma256"});  // kernels::GemmTile
+KernelChoice<8> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
+                                          "wgmma256", "gemv"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
 
 }  // namespace

@@ -32,10 +32,11 @@ def input_kernel(request):
     dq._C.set_input_kernel("auto")
 
 
-@pytest.fixture(params=["auto", "stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256"])
+@pytest.fixture(params=["auto", "stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv"])
 def gemm_tile(request):
     """Runs a test with the tile shape the GEMM picks by size, and with every tile shape forced (by
-    size alone each would run only at some M)."""
+    size alone each would run only at some M; "gemv" where it cannot run, M > 16, K not a multiple of
+    128 or int8 weights, picks by size)."""
     if request.param.startswith("wgmma") and not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
     dq._C.set_gemm_tile(request.param)
@@ -145,6 +146,7 @@ CONFIGS = [
     (1, 256, 512, True), (7, 200, 96, False), (16, 2048, 256, True), (33, 250, 1024, True),
     (129, 512, 384, False), (300, 1000, 2048, True),
     (201, 96, 512, True),  # streaming tiles past M = 128 (N small enough that 32x32 tiles idle SMs)
+    (9, 200, 384, False), (16, 1000, 1152, True),  # decode kernel: 16 tokens a column block, N not whole groups
 ])
 def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     check_gemm_against_float64(cfg, m, n, k, bias)
@@ -230,9 +232,12 @@ def assert_cuda_matches_reference(layer, x):
 
 @pytest.mark.parametrize("cfg", [dict(), dict(wbits=8), dict(abits=0)], ids=["w4a8", "w8a8", "w4a16"])
 @pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
-def test_long_rows_small_batch(cfg, wide):
-    """K >= 8192 at M <= 16 takes the deepest-pipeline tiles (a down_proj at decode); the widest of
-    them once asked for more shared memory than an SM has and failed to launch."""
+@pytest.mark.parametrize("tile", ["auto", "stream"])
+def test_long_rows_small_batch(cfg, wide, tile, forced_gemm):
+    """K >= 8192 at M <= 16 (a down_proj at decode): W4A8 runs the register-streaming decode kernel by
+    default; the streaming tiles take their deepest pipeline, whose widest once asked for more shared
+    memory than an SM has and failed to launch."""
+    forced_gemm(tile, 0)
     k, n = 8192, 96
     config = dq.Config(block_size=32, block_out=32, **cfg) if wide else dq.Config(**cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=31), config)
