@@ -22,7 +22,7 @@ for step in "$@"; do
     ncu)  # per-kernel profile of one layer call per shape (NCU_SHAPES="K,N,M K,N,M ..."): time, occupancy, stalls
       for shape in ${NCU_SHAPES:-2048,256,1024 1024,256,1024 2048,2048,256 1024,4096,64 2048,2048,1024}; do
         IFS=, read -r k n m <<<"$shape"
-        /usr/local/cuda/bin/ncu -k regex:"rotate_|int_gemm|wo_gemm|quantize_chunk" --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \
+        /usr/local/cuda/bin/ncu -k regex:"rotate_|int_gem|wo_gemm|quantize_chunk" --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
           ${NCU_ARGS:-} python3 benchmarks/profile_one.py "$k" "$n" "$m" >/tmp/ncu_one.txt 2>&1
         { echo "=== K=$k N=$n M=$m"; cat /tmp/ncu_one.txt; } >>"$OUT/ncu.txt"

@@ -21,8 +21,9 @@ void bind_fast_path(py::module_& m) {
         "True when the build has the wgmma GEMM (sm_90a code) and the current CUDA device can run it.");
   m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
-        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles only), "
-        "process-wide: 0 (default) picks by size, 1..64 forces that many (at most one per pipeline stage).");
+        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles, and the decode "
+        "kernel, \"gemv\", over a cluster of at most 8 on Hopper), process-wide: 0 (default) picks by size, "
+        "1..64 forces that many (at most one per pipeline stage, or per warp's k chunk for gemv).");
   m.def("gemm_splits", &duquant::gemm_splits, "The split-k count set by set_gemm_splits (0: by size).");
   m.def(
       "fast_path_blocker",

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "duquant_kernels/kernels.h"
+#include "launch.cuh"
 
 namespace duquant {
 namespace kernels {
@@ -78,17 +79,6 @@ __device__ __forceinline__ void clear_for_gemm(const ActQuantParams& p) {
 }
 
 }  // namespace act
-
-// Facts of the current device the input kernels' launch choices need; asked once per device
-// (act_quant_rows.cu). known = false where the queries failed.
-struct DeviceFacts {
-  bool known = false;
-  int major = 0;              // compute capability
-  int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
-  bool clusters = false;      // Hopper or newer, and the kernels built for it (a binary without sm_90
-                              // code would run the cluster variants without their max exchange)
-};
-const DeviceFacts& device_facts();
 
 // act_quant_rows.cu: the one-kernel input side for rows that fit on one SM. How it runs for given
 // parameters: tokens per CTA (0: a row does not fit, the two-pass kernels run), and whether a

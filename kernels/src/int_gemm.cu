@@ -228,8 +228,10 @@ GemmTile auto_tile(const IntGemmParams& p) {
   // SMs is slower than 32x32 tiles on all of them.
   if (ctas(128, 128) >= p.num_sms) return GemmTile::kTile128;
   // Up to M = 512, 32x32 tiles on every SM beat 64x64 tiles on nearly all of them (H200, M = 512:
-  // 4096->1024 28 us against 34, 2048->256 9 against 20).
-  if (ctas(64, 64) >= p.num_sms || p.m > 512) return GemmTile::kTile64;
+  // 4096->1024 28 us against 34, 2048->256 9 against 20); past it too where 64x64 tiles would
+  // leave half the SMs idle (M = 1024, N = 256: 2048->256 30.8 us against 38.6, 1024->256 18.8
+  // against 25.0, benchmarks/results/gemm_tiles_h200.txt).
+  if (ctas(64, 64) >= p.num_sms || (p.m > 512 && 2 * ctas(64, 64) >= p.num_sms)) return GemmTile::kTile64;
   return GemmTile::kTile32;
 }
 
@@ -273,9 +275,14 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_ok) forced = GemmTile::kAuto;
   const bool gemv_ok = gemv_usable(p);
   if (forced == GemmTile::kGemv && !gemv_ok) forced = GemmTile::kAuto;
-  // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu).
+  // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu), where it beat
+  // the streaming tiles (benchmarks/gemm_tile_sweep.py, H200, layer us: K >= 4096 at any M <= 16,
+  // 16384->2048 21.5 -> 14.7 at M = 1, 22.8 -> 19.6 at 16, 4096->1024 7.2 -> 5.7; up to M = 4
+  // elsewhere; at M = 8-16 with K <= 2048 the tiles were as fast or faster, 2048->16384 at 16
+  // 15.6 against 17.4).
+  const bool gemv_wins = gemv_ok && (p.m <= 4 || p.k >= 4096);
   plan.tile = forced != GemmTile::kAuto ? forced
-              : gemv_ok                 ? GemmTile::kGemv
+              : gemv_wins               ? GemmTile::kGemv
               : long_rows               ? GemmTile::kTile64
                                         : auto_tile(p);
   // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
@@ -287,6 +294,10 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
     auto nearly_all = [&](int bn) { return 8 * tiles_of(TileGeometry{128, bn, 128}) >= 7 * p.num_sms; };
     if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
     else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
+  }
+  if (plan.tile == GemmTile::kGemv) {  // a cluster shares the k range: no workspace
+    plan.splits = gemv_parts(p, p.splits);
+    return plan;
   }
   const TileGeometry g = geometry(plan.tile, p);
   const int64_t tiles = tiles_of(g);
@@ -324,8 +335,8 @@ bool wgmma_gemm_available() {
 
 cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
+  if (plan.tile == GemmTile::kGemv) return int_gemv(p, plan.splits, stream);  // its split needs no workspace
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
-  if (plan.tile == GemmTile::kGemv) return int_gemv(p, stream);
 #ifdef DUQUANT_KERNELS_WGMMA
   if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {
     if (!wgmma_usable(p)) return cudaErrorInvalidValue;  // a plan made for other weights or another device

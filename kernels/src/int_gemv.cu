@@ -10,10 +10,14 @@
 // weights.
 //
 // A CTA is 8 warps: RG groups of 16 output features x KS slices of the k range (RG * KS = 8);
-// the slices' integer partial sums meet in shared memory, in order, so sums are exact and outputs
+// the slices' integer partial sums meet in shared memory. On Hopper a cluster of up to 8 CTAs can
+// split the k range further (forced through the split count; by size it is not used yet), CTA 0
+// adding the others' sums through distributed shared memory. Integer sums are exact, so outputs
 // equal the tile kernels' bit for bit. Within each 128-wide k chunk lane t of a quad owns k values
-// 32t..32t+31 for weights and activations alike (int_gemm.cu's order), one 16-byte load per
+// 32t..32t+31 for weights and activations alike (int_gemm.cu's order): one 16-byte load per
 // weight row.
+#include <cooperative_groups.h>
+
 #include <cstdint>
 
 #include "duquant_kernels/kernels.h"
@@ -29,6 +33,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 128;  // k per chunk: 64 bytes of a weight row, 128 of an activation row
 constexpr int kMaxBo = 32;
+constexpr int kMaxParts = 8;  // CTAs of a cluster sharing a k range (the portable cluster size)
 
 // Weights: read once, so kept out of L1. Activation codes: written by the input kernel, read here
 // after pdl_wait; .cg (L2 only) so no L1 line from an earlier kernel on this SM can be stale.
@@ -56,6 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
   constexpr int COLS = 16 * RG;   // output features per CTA
   constexpr int TB = TOK / 8;     // token blocks of 8
   __shared__ int red[kWarps][16][TOK];
+  __shared__ int sums[COLS][TOK];
   __shared__ float tile[TOK][COLS + 1];
   __shared__ float st[TOK], sn[COLS], bias[COLS];
   __shared__ __align__(16) float rblk[COLS * kMaxBo];
@@ -65,9 +71,12 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
   const int rg = warp / KS, ks = warp % KS;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * COLS;
   const int64_t row_bytes = p.k / 2;
+  // This CTA's chunks (its share when a cluster along y splits the k range), then this warp's.
   const int chunks = static_cast<int>(p.k / kChunk);
-  const int per = (chunks + KS - 1) / KS;
-  const int c0 = ks * per, c1 = min(chunks, c0 + per);
+  const int per_cta = (chunks + gridDim.y - 1) / gridDim.y;
+  const int cbeg = min(chunks, static_cast<int>(blockIdx.y) * per_cta), cend = min(chunks, cbeg + per_cta);
+  const int per = (cend - cbeg + KS - 1) / KS;
+  const int c0 = min(cend, cbeg + ks * per), c1 = min(cend, c0 + per);
 
   // Layer constants first (no kernel of a forward writes them): weight scales, bias, R_out blocks.
   const int bo = p.r_out ? p.block_out : 1;
@@ -158,13 +167,34 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[warp][g + (e >= 2 ? 8 : 0)][8 * b + 2 * t + (e & 1)] = acc[b][e];
   __syncthreads();
-  // Sum the k slices in order (exact), scale: y'' = s_t s_n acc / 16 (nibbles were read as x 16).
-  for (int i = threadIdx.x; i < RG * 16 * TOK; i += kThreads) {
+  // Sum the k slices (integers: exact in any order).
+  for (int i = threadIdx.x; i < COLS * TOK; i += kThreads) {
     const int tok = i % TOK, col = i / TOK, group = col / 16, row = col % 16;
     int sum = 0;
 #pragma unroll
     for (int s = 0; s < KS; ++s) sum += red[group * KS + s][row][tok];
-    tile[tok][col] = static_cast<float>(sum >> 4) * st[tok] * sn[col];
+    sums[col][tok] = sum;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.y > 1) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's sums are in its shared memory
+    if (blockIdx.y == 0)
+      for (int i = threadIdx.x; i < COLS * TOK; i += kThreads) {
+        int sum = sums[i / TOK][i % TOK];
+        for (unsigned q = 1; q < gridDim.y; ++q) sum += *cluster.map_shared_rank(&sums[i / TOK][i % TOK], q);
+        sums[i / TOK][i % TOK] = sum;
+      }
+    cluster.sync();  // nobody exits while CTA 0 still reads its sums
+    if (blockIdx.y != 0) return;
+  }
+#endif
+  __syncthreads();
+  // y'' = s_t s_n acc / 16 (nibbles were read as x 16), in int_gemm.cu's order of operations.
+  for (int i = threadIdx.x; i < COLS * TOK; i += kThreads) {
+    const int tok = i % TOK, col = i / TOK;
+    tile[tok][col] = static_cast<float>(sums[col][tok] >> 4) * st[tok] * sn[col];
   }
   __syncthreads();
   // Restore (q ascending, as the tile kernels), bias, cast.
@@ -197,19 +227,20 @@ int gemv_slices(const IntGemmParams& p) {
 }
 
 template <int TOK, int KS>
-cudaError_t launch_gemv(const IntGemmParams& p, cudaStream_t stream) {
+cudaError_t launch_gemv(const IntGemmParams& p, int parts, cudaStream_t stream) {
   constexpr int cols = 16 * (kWarps / KS);
-  const dim3 grid(static_cast<unsigned>((p.n + cols - 1) / cols));
-  return launch_kernel(int_gemv_kernel<TOK, KS, 4>, grid, dim3(kThreads), 0, stream, p.chain, p);
+  const dim3 grid(static_cast<unsigned>((p.n + cols - 1) / cols), static_cast<unsigned>(parts));
+  return launch_kernel_clustered(int_gemv_kernel<TOK, KS, 4>, grid, dim3(kThreads), 0, stream, p.chain,
+                                 dim3(1, static_cast<unsigned>(parts), 1), p);
 }
 
 template <int TOK>
-cudaError_t launch_tok(const IntGemmParams& p, cudaStream_t stream) {
+cudaError_t launch_tok(const IntGemmParams& p, int parts, cudaStream_t stream) {
   switch (gemv_slices(p)) {
-    case 1: return launch_gemv<TOK, 1>(p, stream);
-    case 2: return launch_gemv<TOK, 2>(p, stream);
-    case 4: return launch_gemv<TOK, 4>(p, stream);
-    default: return launch_gemv<TOK, 8>(p, stream);
+    case 1: return launch_gemv<TOK, 1>(p, parts, stream);
+    case 2: return launch_gemv<TOK, 2>(p, parts, stream);
+    case 4: return launch_gemv<TOK, 4>(p, parts, stream);
+    default: return launch_gemv<TOK, 8>(p, parts, stream);
   }
 }
 
@@ -220,9 +251,19 @@ bool gemv_usable(const IntGemmParams& p) {
   return p.m >= 1 && p.m <= 16 && p.wbits <= 4 && p.k % kChunk == 0 && bo <= kMaxBo && p.a_stride % 16 == 0;
 }
 
-cudaError_t int_gemv(const IntGemmParams& p, cudaStream_t stream) {
-  if (!gemv_usable(p)) return cudaErrorInvalidValue;
-  return p.m <= 8 ? launch_tok<8>(p, stream) : launch_tok<16>(p, stream);
+int gemv_parts(const IntGemmParams& p, int forced) {
+  // At most one chunk per warp and CTA, and no clusters without Hopper and sm_90 code.
+  const int64_t chunks_per_cta_warps = p.k / kChunk / gemv_slices(p);
+  int most = device_facts().clusters ? kMaxParts : 1;
+  while (most > 1 && most > chunks_per_cta_warps) most /= 2;
+  // By size: none yet. Forced (_C.set_gemm_splits) it is tested, and timed by
+  // benchmarks/gemm_tile_sweep.py; whether and where it pays was not yet measured.
+  return forced > 0 ? (forced < most ? forced : most) : 1;
+}
+
+cudaError_t int_gemv(const IntGemmParams& p, int parts, cudaStream_t stream) {
+  if (!gemv_usable(p) || parts < 1 || parts > kMaxParts) return cudaErrorInvalidValue;
+  return p.m <= 8 ? launch_tok<8>(p, parts, stream) : launch_tok<16>(p, parts, stream);
 }
 
 }  // namespace gemm

@@ -25,6 +25,17 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Facts of the current device the kernels' launch choices need; asked once per device
+// (act_quant_rows.cu). known = false where the queries failed.
+struct DeviceFacts {
+  bool known = false;
+  int major = 0;              // compute capability
+  int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
+  bool clusters = false;      // Hopper or newer, and the kernels built for it (a binary without sm_90
+                              // code would run the cluster variants without their cluster exchanges)
+};
+const DeviceFacts& device_facts();
+
 // Launches `kernel` with cudaLaunchKernelEx: chained (see above) when `chained`, in clusters of
 // `cluster` CTAs when that is more than one.
 template <typename... Params, typename... Args>

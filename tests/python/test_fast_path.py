@@ -177,6 +177,20 @@ def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
 
 
+@pytest.mark.parametrize("splits", [0, 2, 3, 8])
+@pytest.mark.parametrize("cfg,m,n,k", [
+    (dict(), 1, 200, 8192), (dict(), 13, 96, 4096), (dict(block_size=32, block_out=32), 4, 256, 2048),
+    (dict(wbits=3, abits=6), 16, 2048, 1024),
+], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16"])
+def test_gemv_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm, input_kernel):
+    """The decode kernel with its k range split over a cluster of CTAs (Hopper; elsewhere one CTA),
+    CTA 0 summing the others' partials through distributed shared memory: by size (0) and forced,
+    odd counts too; twice, so nothing depends on state a first call left."""
+    forced_gemm("gemv", splits)
+    y = check_gemm_against_float64(cfg, m, n, k, True)
+    assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
+
+
 def check_gemm_against_float64(cfg, m, n, k, bias):
     """A CUDA layer's output against float64 from the kernels' own activation codes; returns it."""
     config = dq.Config(**cfg)

@@ -109,7 +109,8 @@ struct IntGemmParams {
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
   GemmTile tile = GemmTile::kAuto;
-  int splits = 0;                   // CTAs sharing each output tile's k range (64x64 tiles only); 0 = by size
+  int splits = 0;                   // CTAs sharing each output tile's k range (64x64 tiles; gemv: a
+                                    // cluster of up to 8, Hopper); 0 = by size
   // Split-k scratch of IntGemmPlan::workspace_bytes: per-tile arrival counters (zero when the
   // GEMM starts: the input kernels clear them) followed by the k slices' partial sums.
   void* workspace = nullptr;
