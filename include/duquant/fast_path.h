@@ -35,17 +35,19 @@ std::string input_kernel();
 // benchmarks: "auto" (the default: picked by M, N and the GPU's SM count), "stream" (16 tokens x
 // 16-32 outputs per CTA, k split over 8 warps: weight streaming), "32x32", "64x64", "128x128"
 // (mma.sync), "wgmma128" or "wgmma256" (128x128, 128x256 on Hopper's warpgroup MMA, int4 weights;
-// where they cannot run, see wgmma_gemm_available(), the choice falls back to "auto"). Anything
-// else throws.
+// where they cannot run, see wgmma_gemm_available(), the choice falls back to "auto"), "gemv" (the
+// decode kernel: M <= 16, int4 weights, K a multiple of 128, weights streamed into registers;
+// elsewhere "auto"). Anything else throws.
 void set_gemm_tile(const std::string& which);
 std::string gemm_tile();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
 // (compute capability 9.0) can run it.
 bool wgmma_gemm_available();
 
-// How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (split-k, 64x64 tiles only;
-// the others ignore it), process-wide, for tests and benchmarks: 0 (the default) picks by size,
-// 1..64 forces that many (at most one per pipeline stage of k). Anything else throws.
+// How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (split-k on 64x64 tiles;
+// on the decode kernel a cluster of at most 8, Hopper only; the others ignore it), process-wide,
+// for tests and benchmarks: 0 (the default) picks by size, 1..64 forces that many (at most one per
+// pipeline stage of k). Anything else throws.
 void set_gemm_splits(int64_t splits);
 int gemm_splits();
 
