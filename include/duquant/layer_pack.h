@@ -28,7 +28,8 @@ struct LayerPack {
 
   // Checks every tensor against the config and shapes; throws std::invalid_argument naming the
   // tensor, the expected and the actual value. `where` prefixes the message (e.g. a layer name).
-  void validate(const std::string& where = "layer") const;
+  // with_calibration_state = false leaves calib_state out (a forward does not read it).
+  void validate(const std::string& where = "layer", bool with_calibration_state = true) const;
 };
 
 // The tensors a layer owns, by buffer and pack-field name (DESIGN.md §4), in pack order: the one

@@ -2,6 +2,8 @@
 
 #include <array>
 #include <atomic>
+#include <cstdint>
+#include <stdexcept>
 
 #include "duquant/act_quant.h"
 #include "duquant/reference_forward.h"
@@ -104,13 +106,29 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
 #endif
 }
 
+LayerPack kernel_operands(const LayerPack& layer, const std::string& where) {
+  layer.validate(where, /*with_calibration_state=*/false);
+  LayerPack out = layer;
+  for (const auto& field : kLayerTensorFields) {
+    torch::Tensor& t = out.*field.member;
+    if (!t.defined()) continue;
+    if (t.device() != layer.qweight.device())
+      throw std::invalid_argument(where + ": tensor '" + field.name + "' is on " + t.device().str() +
+                                  " but qweight is on " + layer.qweight.device().str());
+    // 16-byte loads and copies: a view at an odd offset gets storage of its own.
+    if (!t.is_contiguous()) t = t.contiguous();
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) t = t.clone();
+  }
+  return out;
+}
+
 torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts) {
 #ifdef DUQUANT_WITH_CUDA
   // Weight-only layers have no activation quantization to skip, so calibration batches go fast too.
   if ((quantize_acts || !layer.config.quantize_acts()) && x.defined() && x.is_cuda() &&
       fast_path_blocker(layer, x).empty()) {
     check_layer_input(x, layer);
-    return cuda_fast::forward(x, layer);
+    return cuda_fast::forward(x, kernel_operands(layer));
   }
 #endif
   return reference_forward(x, layer, quantize_acts);

@@ -27,7 +27,7 @@ struct Expect {
 
 }  // namespace
 
-void LayerPack::validate(const std::string& where) const {
+void LayerPack::validate(const std::string& where, bool with_calibration_state) const {
   config.validate();
   if (in_features < 1 || out_features < 1)
     throw std::invalid_argument(where + ": in_features and out_features must be positive");
@@ -46,7 +46,7 @@ void LayerPack::validate(const std::string& where) const {
   if (bias.defined()) expect("bias", bias, true, {n}, torch::kFloat32);
   const bool calib = config.needs_calibration();
   expect("act_scale", act_scale, calib, {config.act == ActMode::kStaticChannel ? k : 1}, torch::kFloat32);
-  expect("calib_state", calib_state, calib, {2}, torch::kInt64);
+  if (with_calibration_state) expect("calib_state", calib_state, calib, {2}, torch::kInt64);
 }
 
 LayerPack empty_layer_pack(int64_t in_features, int64_t out_features, bool has_bias, const Config& config,

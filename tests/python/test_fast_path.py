@@ -291,6 +291,27 @@ def test_leading_dims_and_noncontiguous_input():
     assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 8e-3
 
 
+@pytest.mark.parametrize("m", [1, 64])
+def test_op_reads_views_of_the_layer_densely(m):
+    """torch.ops.duquant.linear handed views (a transposed-strided qweight, a w_scale 4 bytes off
+    16-byte alignment): the kernels read dense, aligned copies, so the output is the layer's own;
+    a wrong shape is refused by name instead of read past."""
+    layer = dq.DuQuantLinear.from_linear(outlier_linear(96, 256, True, 5), dq.Config()).cuda()
+    x = outlier_input(m, 256, torch.bfloat16, 6).cuda()
+    expect = layer(x)
+    qweight = layer.qweight.t().contiguous().t()
+    w_scale = torch.empty(97, device="cuda")[1:]
+    w_scale.copy_(layer.w_scale)
+    assert not qweight.is_contiguous() and w_scale.data_ptr() % 16 != 0
+
+    def call(qw, ws):
+        return torch.ops.duquant.linear(x, qw, ws, layer.perm, layer.r_in, layer.r_out, layer.bias, None,
+                                        256, 4, 8, "dynamic", True)
+    assert torch.equal(call(qweight, w_scale), expect)
+    with pytest.raises(ValueError, match=r"'w_scale' should be Float \[96\]"):
+        call(layer.qweight, layer.w_scale[:95])
+
+
 def test_reference_fallbacks_say_why():
     k = 1000  # not a multiple of 32
     layer = dq.DuQuantLinear.from_linear(outlier_linear(64, k, False, 5), dq.Config()).cuda()
