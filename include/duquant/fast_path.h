@@ -23,9 +23,10 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x = t
 // The layer's tensors as the CUDA kernels read them, through raw pointers: checked against the
 // config and shapes (LayerPack::validate, calib_state aside), all on qweight's device, and each
 // contiguous and 16-byte aligned: a tensor that is not (a view handed to torch.ops.duquant.linear)
-// is copied, one that is comes back as is. Throws std::invalid_argument naming the tensor.
-// linear_forward runs it before the fast path.
-LayerPack kernel_operands(const LayerPack& layer, const std::string& where = "duquant::linear");
+// is copied, one that is comes back as is (`copied`, when given, says whether any was). Throws
+// std::invalid_argument naming the tensor. linear_forward runs it before the fast path.
+LayerPack kernel_operands(const LayerPack& layer, const std::string& where = "duquant::linear",
+                          bool* copied = nullptr);
 
 // y = layer(x), fast path when fast_path_blocker(layer, x) is empty and activations are quantized,
 // reference path otherwise. x: [..., K] float32/float16/bfloat16; the result has x's dtype.

@@ -275,11 +275,12 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_ok) forced = GemmTile::kAuto;
   const bool gemv_ok = gemv_usable(p);
   if (forced == GemmTile::kGemv && !gemv_ok) forced = GemmTile::kAuto;
-  // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu), where it beat
-  // the streaming tiles (benchmarks/gemm_tile_sweep.py, H200, layer us: K >= 4096 at any M <= 16,
-  // 16384->2048 21.5 -> 14.7 at M = 1, 22.8 -> 19.6 at 16, 4096->1024 7.2 -> 5.7; up to M = 4
-  // elsewhere; at M = 8-16 with K <= 2048 the tiles were as fast or faster, 2048->16384 at 16
-  // 15.6 against 17.4).
+  // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu). Against the
+  // streaming tiles (benchmarks/results/gemv_sweep_h200.txt, H200, layer us): faster at K >= 4096
+  // for every M <= 16 (16384->2048 21.5 -> 14.7 at M = 1, 22.8 -> 19.6 at 16; 4096->1024 7.3 ->
+  // 5.7), faster or even at M <= 4 elsewhere except 1024->4096 and 1024->2048 at M = 1 (0.1-0.5 us
+  // slower); at M = 8-16 with K <= 2048 the tiles were as fast or faster (2048->16384 at 16: 15.6
+  // against 17.4).
   const bool gemv_wins = gemv_ok && (p.m <= 4 || p.k >= 4096);
   plan.tile = forced != GemmTile::kAuto ? forced
               : gemv_wins               ? GemmTile::kGemv

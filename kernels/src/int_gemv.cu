@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
   pdl_wait();
   if (threadIdx.x < TOK) {
     const int i = threadIdx.x;
-    st[i] = i >= p.m ? 0.f : !p.a_scale ? 1.f : p.a_scale_per_tensor ? p.a_scale[0] : p.a_scale[i];
+    st[i] = i >= p.m ? 0.f : !p.a_scale ? 1.f : __ldcg(p.a_scale_per_tensor ? p.a_scale : p.a_scale + i);
   }
   for (int c = c0; c < c1; c += U) {
     if (c != c0) load_weights(c);
@@ -252,7 +252,7 @@ bool gemv_usable(const IntGemmParams& p) {
 }
 
 int gemv_parts(const IntGemmParams& p, int forced) {
-  // At most one chunk per warp and CTA, and no clusters without Hopper and sm_90 code.
+  // At least one chunk per warp of each CTA, and no clusters without Hopper and sm_90 code.
   const int64_t chunks_per_cta_warps = p.k / kChunk / gemv_slices(p);
   int most = device_facts().clusters ? kMaxParts : 1;
   while (most > 1 && most > chunks_per_cta_warps) most /= 2;
@@ -263,6 +263,8 @@ int gemv_parts(const IntGemmParams& p, int forced) {
 
 cudaError_t int_gemv(const IntGemmParams& p, int parts, cudaStream_t stream) {
   if (!gemv_usable(p) || parts < 1 || parts > kMaxParts) return cudaErrorInvalidValue;
+  // Without sm_90 code the cluster exchange compiles away: a plan made for another device.
+  if (parts > 1 && !device_facts().clusters) return cudaErrorInvalidValue;
   return p.m <= 8 ? launch_tok<8>(p, parts, stream) : launch_tok<16>(p, parts, stream);
 }
 

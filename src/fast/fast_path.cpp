@@ -106,18 +106,20 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
 #endif
 }
 
-LayerPack kernel_operands(const LayerPack& layer, const std::string& where) {
+LayerPack kernel_operands(const LayerPack& layer, const std::string& where, bool* copied) {
   layer.validate(where, /*with_calibration_state=*/false);
   LayerPack out = layer;
+  if (copied) *copied = false;
   for (const auto& field : kLayerTensorFields) {
     torch::Tensor& t = out.*field.member;
-    if (!t.defined()) continue;
+    if (!t.defined() || field.member == &LayerPack::calib_state) continue;  // a forward never reads it
     if (t.device() != layer.qweight.device())
       throw std::invalid_argument(where + ": tensor '" + field.name + "' is on " + t.device().str() +
                                   " but qweight is on " + layer.qweight.device().str());
     // 16-byte loads and copies: a view at an odd offset gets storage of its own.
     if (!t.is_contiguous()) t = t.contiguous();
     if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) t = t.clone();
+    if (copied && !t.is_same(layer.*field.member)) *copied = true;
   }
   return out;
 }
@@ -128,7 +130,11 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
   if ((quantize_acts || !layer.config.quantize_acts()) && x.defined() && x.is_cuda() &&
       fast_path_blocker(layer, x).empty()) {
     check_layer_input(x, layer);
-    return cuda_fast::forward(x, kernel_operands(layer));
+    // Kernels read a layer's constants before their chain wait (src/fast/fast_path_cuda.cpp): a
+    // copy made just now is a kernel's output, so that call runs unchained.
+    bool copied = false;
+    const LayerPack operands = kernel_operands(layer, "duquant::linear", &copied);
+    return cuda_fast::forward(x, operands, /*chain=*/!copied);
   }
 #endif
   return reference_forward(x, layer, quantize_acts);

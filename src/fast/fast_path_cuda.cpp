@@ -108,9 +108,10 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device) 
   return "";
 }
 
-torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer) {
+torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const LaunchContext ctx = launch_context(x.device());
+  LaunchContext ctx = launch_context(x.device());
+  ctx.chain = ctx.chain && chain;
   const int64_t k = layer.in_features, n = layer.out_features;
   auto x2d = rows_contiguous(x, k);
   const int64_t m = x2d.size(0);

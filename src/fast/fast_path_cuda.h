@@ -19,7 +19,9 @@ namespace cuda_fast {
 
 // Limits of the device and the kernels (compute capability, block size); "" when the layer fits.
 std::string device_blocker(const LayerPack& layer, const torch::Device& device);
-torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer);
+// chain = false launches the layer's kernels without programmatic dependent launch (operands that
+// a kernel just wrote: reads of them may not start before that kernel is done).
+torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain = true);
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,
                                                         const torch::Tensor& r_in, const torch::Tensor& static_scale,
                                                         int64_t abits);

@@ -180,15 +180,18 @@ def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_
 @pytest.mark.parametrize("splits", [0, 2, 3, 8])
 @pytest.mark.parametrize("cfg,m,n,k", [
     (dict(), 1, 200, 8192), (dict(), 13, 96, 4096), (dict(block_size=32, block_out=32), 4, 256, 2048),
-    (dict(wbits=3, abits=6), 16, 2048, 1024),
+    (dict(wbits=3, abits=6), 16, 2048, 4096),
 ], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16"])
 def test_gemv_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm, input_kernel):
     """The decode kernel with its k range split over a cluster of CTAs (Hopper; elsewhere one CTA),
     CTA 0 summing the others' partials through distributed shared memory: by size (0) and forced,
-    odd counts too; twice, so nothing depends on state a first call left."""
+    odd counts too (capped where a warp would get no k chunk); twice, so nothing depends on state a
+    first call left; and bit for bit the streaming tiles' output (integer sums, same epilogue)."""
     forced_gemm("gemv", splits)
     y = check_gemm_against_float64(cfg, m, n, k, True)
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
+    forced_gemm("stream", 0)
+    assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "gemv and the streaming tiles differ"
 
 
 def check_gemm_against_float64(cfg, m, n, k, bias):
@@ -293,23 +296,24 @@ def test_leading_dims_and_noncontiguous_input():
 
 @pytest.mark.parametrize("m", [1, 64])
 def test_op_reads_views_of_the_layer_densely(m):
-    """torch.ops.duquant.linear handed views (a transposed-strided qweight, a w_scale 4 bytes off
-    16-byte alignment): the kernels read dense, aligned copies, so the output is the layer's own;
-    a wrong shape is refused by name instead of read past."""
+    """torch.ops.duquant.linear handed views (a transposed-strided qweight, an r_out 4 bytes off
+    16-byte alignment, which the tile kernels copy 16 bytes at a time): the kernels read dense,
+    aligned copies, so the output is the layer's own; a wrong shape is refused by name instead of
+    read past."""
     layer = dq.DuQuantLinear.from_linear(outlier_linear(96, 256, True, 5), dq.Config()).cuda()
     x = outlier_input(m, 256, torch.bfloat16, 6).cuda()
     expect = layer(x)
     qweight = layer.qweight.t().contiguous().t()
-    w_scale = torch.empty(97, device="cuda")[1:]
-    w_scale.copy_(layer.w_scale)
-    assert not qweight.is_contiguous() and w_scale.data_ptr() % 16 != 0
+    r_out = torch.empty(layer.r_out.numel() + 1, device="cuda")[1:].view_as(layer.r_out)
+    r_out.copy_(layer.r_out)
+    assert not qweight.is_contiguous() and r_out.data_ptr() % 16 != 0
 
-    def call(qw, ws):
-        return torch.ops.duquant.linear(x, qw, ws, layer.perm, layer.r_in, layer.r_out, layer.bias, None,
+    def call(qw, ws, ro):
+        return torch.ops.duquant.linear(x, qw, ws, layer.perm, layer.r_in, ro, layer.bias, None,
                                         256, 4, 8, "dynamic", True)
-    assert torch.equal(call(qweight, w_scale), expect)
+    assert torch.equal(call(qweight, layer.w_scale, r_out), expect)
     with pytest.raises(ValueError, match=r"'w_scale' should be Float \[96\]"):
-        call(layer.qweight, layer.w_scale[:95])
+        call(layer.qweight, layer.w_scale[:95], layer.r_out)
 
 
 def test_reference_fallbacks_say_why():
