@@ -211,7 +211,6 @@ TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
     case GemmTile::kTile32: return {32, 32, 512};
     case GemmTile::kTile64: return {64, 64, 256};
     case GemmTile::kWgmma256: return {128, 256, 128};
-    case GemmTile::kGemv: return {16, 16, 128};
     default: return {128, 128, 128};  // kTile128, kWgmma128
   }
 }

@@ -35,21 +35,17 @@ constexpr int kChunk = 128;  // k per chunk: 64 bytes of a weight row, 128 of an
 constexpr int kMaxBo = 32;
 constexpr int kMaxParts = 8;  // CTAs of a cluster sharing a k range (the portable cluster size)
 
-// Weights: read once, so kept out of L1. Activation codes: written by the input kernel, read here
-// after pdl_wait; .cg (L2 only) so no L1 line from an earlier kernel on this SM can be stale.
-// Both volatile so they stay in program order around pdl_wait.
-__device__ __forceinline__ uint4 ld_weights(const unsigned char* p) {
+// 16 bytes global -> registers. kWeights: read once, so kept out of L1. Otherwise activation codes,
+// written by the input kernel and read after pdl_wait: .cg (L2 only), so no L1 line from an earlier
+// kernel on this SM can be stale. Volatile, so they stay in program order around pdl_wait.
+template <bool kWeights>
+__device__ __forceinline__ uint4 load16(const unsigned char* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ld_codes(const unsigned char* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  if constexpr (kWeights)
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -110,8 +106,8 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
     for (int u = 0; u < U; ++u) {
       const bool in = c + u < c1;
       const int64_t off = static_cast<int64_t>(c + u) * (kChunk / 2);
-      w_a[u] = in && va ? ld_weights(wa + off) : make_uint4(0, 0, 0, 0);
-      w_b[u] = in && vb ? ld_weights(wb + off) : make_uint4(0, 0, 0, 0);
+      w_a[u] = in && va ? load16<true>(wa + off) : make_uint4(0, 0, 0, 0);
+      w_b[u] = in && vb ? load16<true>(wb + off) : make_uint4(0, 0, 0, 0);
     }
   };
   auto load_codes = [&](int c) {
@@ -121,8 +117,8 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
       const int64_t off = static_cast<int64_t>(c + u) * kChunk;
 #pragma unroll
       for (int b = 0; b < TB; ++b) {
-        a_lo[u][b] = in && vtok[b] ? ld_codes(arow[b] + off) : make_uint4(0, 0, 0, 0);
-        a_hi[u][b] = in && vtok[b] ? ld_codes(arow[b] + off + 16) : make_uint4(0, 0, 0, 0);
+        a_lo[u][b] = in && vtok[b] ? load16<false>(arow[b] + off) : make_uint4(0, 0, 0, 0);
+        a_hi[u][b] = in && vtok[b] ? load16<false>(arow[b] + off + 16) : make_uint4(0, 0, 0, 0);
       }
     }
   };
