@@ -17,7 +17,7 @@ from torch import nn
 import duquant_ext as dq
 from linear_speed import EXPERT_SHAPES, LLM_SHAPES, module_bytes, time_graph
 
-TILES = ["gemv", "stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
+TILES = ["gemv", "gemv-direct", "stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
 
 
 def replicas(module, rotate_bytes, max_copies):
@@ -28,7 +28,8 @@ def replicas(module, rotate_bytes, max_copies):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,16,50,64,128,256", help="token counts (comma-separated)")
-    ap.add_argument("--splits", default="1,2,4,8", help="split-k counts to try per tile (comma-separated)")
+    ap.add_argument("--splits", default="1,2,4,8",
+                    help="split-k counts to try per tile (comma-separated; 0: the count picked by size)")
     ap.add_argument("--tiles", default=",".join(TILES), help="tile shapes to force (comma-separated)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rotate-l2", type=float, default=4.0,
@@ -62,7 +63,7 @@ def main():
                     t_bf16 = time_graph(theirs, x, args.repeats, 2.0)[0]
                     t = {}
                     for tile in tiles:  # the switches are read when a graph is captured
-                        for splits in split_counts if tile in ("64x64", "gemv") else [1]:  # the ones that split
+                        for splits in split_counts if tile in ("64x64", "gemv", "gemv-direct") else [1]:  # the ones that split
                             dq._C.set_gemm_tile(tile)
                             dq._C.set_gemm_splits(splits)
                             t[tile, splits] = time_graph(ours, x, args.repeats, 2.0)[0]

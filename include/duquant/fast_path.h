@@ -44,8 +44,9 @@ std::string input_kernel();
 // 16-32 outputs per CTA, k split over 8 warps: weight streaming), "32x32", "64x64", "128x128"
 // (mma.sync), "wgmma128" or "wgmma256" (128x128, 128x256 on Hopper's warpgroup MMA, int4 weights;
 // where they cannot run, see wgmma_gemm_available(), the choice falls back to "auto"), "gemv" (the
-// decode kernel: M <= 16, int4 weights, K a multiple of 128, weights streamed into registers;
-// elsewhere "auto"). Anything else throws.
+// skinny kernel: M <= 64, int4 weights, K a multiple of 128, weights streamed into registers, the
+// tokens' codes staged in shared memory; elsewhere "auto"), "gemv-direct" (the same with the codes
+// read from L2 by each warp, M <= 16). Anything else throws.
 void set_gemm_tile(const std::string& which);
 std::string gemm_tile();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
@@ -53,7 +54,7 @@ std::string gemm_tile();
 bool wgmma_gemm_available();
 
 // How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (split-k on 64x64 tiles;
-// on the decode kernel a cluster of at most 8, Hopper only; the others ignore it), process-wide,
+// on the skinny kernel a cluster of at most 8, Hopper only; the others ignore it), process-wide,
 // for tests and benchmarks: 0 (the default) picks by size, 1..64 forces that many (at most one per
 // pipeline stage of k). Anything else throws.
 void set_gemm_splits(int64_t splits);

@@ -348,12 +348,12 @@ bool wgmma_gemm_usable(const IntGemmParams& p);
 // 128 x bn output tiles, bn 128 or 256.
 cudaError_t int_gemm_wgmma(const IntGemmParams& p, int bn, cudaStream_t stream);
 
-// int_gemv.cu: the decode-size kernel (M <= 16, int4 weights, K a multiple of 128). gemv_parts:
-// the CTAs of a cluster that share each k range: `forced` (> 0) as far as the device and sizes allow,
-// else 1.
-bool gemv_usable(const IntGemmParams& p);
-int gemv_parts(const IntGemmParams& p, int forced);
-cudaError_t int_gemv(const IntGemmParams& p, int parts, cudaStream_t stream);
+// int_gemv.cu: the skinny kernel (M <= 64, int4 weights, K a multiple of 128; direct codes: M <=
+// 16). gemv_parts: the CTAs of a cluster that share each k range: `forced` (> 0) as far as the
+// device and sizes allow, else by size.
+bool gemv_usable(const IntGemmParams& p, bool direct);
+int gemv_parts(const IntGemmParams& p, bool direct, int forced);
+cudaError_t int_gemv(const IntGemmParams& p, bool direct, int parts, cudaStream_t stream);
 
 // Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
 constexpr int kMaxSmemBytes = 227 * 1024;

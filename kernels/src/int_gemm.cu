@@ -272,15 +272,19 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const bool wgmma_ok = wgmma_usable(p);
   GemmTile forced = p.tile;
   if ((forced == GemmTile::kWgmma128 || forced == GemmTile::kWgmma256) && !wgmma_ok) forced = GemmTile::kAuto;
-  const bool gemv_ok = gemv_usable(p);
-  if (forced == GemmTile::kGemv && !gemv_ok) forced = GemmTile::kAuto;
+  const bool gemv_ok = gemv_usable(p, false);
+  if ((forced == GemmTile::kGemv && !gemv_ok) || (forced == GemmTile::kGemvDirect && !gemv_usable(p, true)))
+    forced = GemmTile::kAuto;
   // Decode sizes: one pass over the weights, streamed into registers (int_gemv.cu). Against the
   // streaming tiles (benchmarks/results/gemv_sweep_h200.txt, H200, layer us): faster at K >= 4096
   // for every M <= 16 (16384->2048 21.5 -> 14.7 at M = 1, 22.8 -> 19.6 at 16; 4096->1024 7.3 ->
   // 5.7), faster or even at M <= 4 elsewhere except 1024->4096 and 1024->2048 at M = 1 (0.1-0.5 us
   // slower); at M = 8-16 with K <= 2048 the tiles were as fast or faster (2048->16384 at 16: 15.6
-  // against 17.4).
-  const bool gemv_wins = gemv_ok && (p.m <= 4 || p.k >= 4096);
+  // against 17.4). Past M = 16 (codes staged in shared memory) only for long rows, K >= 8192, at
+  // M <= 32 (benchmarks/results/gemv_staged_sweep_h200.txt: 16384->2048 at 32 39.5 -> 31.9): at
+  // M = 64, and on shorter rows, the tiles were as fast or faster (1024->4096 at 64: 9.7 against
+  // 14.1; 2048->16384 at 32: 21.8 against 23.2).
+  const bool gemv_wins = gemv_ok && (p.m <= 16 ? p.m <= 4 || p.k >= 4096 : p.m <= 32 && p.k >= 8192);
   plan.tile = forced != GemmTile::kAuto ? forced
               : gemv_wins               ? GemmTile::kGemv
               : long_rows               ? GemmTile::kTile64
@@ -295,8 +299,8 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
     if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
     else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
   }
-  if (plan.tile == GemmTile::kGemv) {  // a cluster shares the k range: no workspace
-    plan.splits = gemv_parts(p, p.splits);
+  if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect) {  // a cluster shares the k range
+    plan.splits = gemv_parts(p, plan.tile == GemmTile::kGemvDirect, p.splits);
     return plan;
   }
   const TileGeometry g = geometry(plan.tile, p);
@@ -335,7 +339,8 @@ bool wgmma_gemm_available() {
 
 cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  if (plan.tile == GemmTile::kGemv) return int_gemv(p, plan.splits, stream);  // its split needs no workspace
+  if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect)  // its split needs no workspace
+    return int_gemv(p, plan.tile == GemmTile::kGemvDirect, plan.splits, stream);
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
 #ifdef DUQUANT_KERNELS_WGMMA
   if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {

@@ -180,7 +180,8 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
   GemmTile tile = p.tile;
-  if (tile == GemmTile::kWgmma128 || tile == GemmTile::kWgmma256 || tile == GemmTile::kGemv)
+  if (tile == GemmTile::kWgmma128 || tile == GemmTile::kWgmma256 || tile == GemmTile::kGemv ||
+      tile == GemmTile::kGemvDirect)
     tile = GemmTile::kAuto;  // integer kernels only
   if (tile == GemmTile::kAuto) {
     tile = p.m <= 16                                    ? GemmTile::kStream

@@ -43,8 +43,8 @@ class KernelChoice {
 };
 
 KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"});  // kernels::InputKernel
-KernelChoice<8> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
-                                          "wgmma256", "gemv"});  // kernels::GemmTile
+KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
+                                          "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
 
 }  // namespace

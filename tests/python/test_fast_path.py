@@ -32,11 +32,11 @@ def input_kernel(request):
     dq._C.set_input_kernel("auto")
 
 
-@pytest.fixture(params=["auto", "stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv"])
+@pytest.fixture(params=["auto", "stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv", "gemv-direct"])
 def gemm_tile(request):
     """Runs a test with the tile shape the GEMM picks by size, and with every tile shape forced (by
-    size alone each would run only at some M; "gemv" where it cannot run, M > 16, K not a multiple of
-    128 or int8 weights, picks by size)."""
+    size alone each would run only at some M; "gemv" where it cannot run, M > 64, K not a multiple of
+    128 or int8 weights, picks by size; "gemv-direct" the same past M = 16)."""
     if request.param.startswith("wgmma") and not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
     dq._C.set_gemm_tile(request.param)
@@ -147,6 +147,7 @@ CONFIGS = [
     (129, 512, 384, False), (300, 1000, 2048, True),
     (201, 96, 512, True),  # streaming tiles past M = 128 (N small enough that 32x32 tiles idle SMs)
     (9, 200, 384, False), (16, 1000, 1152, True),  # decode kernel: 16 tokens a column block, N not whole groups
+    (50, 1000, 2048, True), (64, 136, 640, False),  # skinny kernel: 64 tokens a CTA, N not whole groups
 ])
 def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     check_gemm_against_float64(cfg, m, n, k, bias)
@@ -177,17 +178,19 @@ def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
 
 
+@pytest.mark.parametrize("tile", ["gemv", "gemv-direct"])
 @pytest.mark.parametrize("splits", [0, 2, 3, 8])
 @pytest.mark.parametrize("cfg,m,n,k", [
     (dict(), 1, 200, 8192), (dict(), 13, 96, 4096), (dict(block_size=32, block_out=32), 4, 256, 2048),
-    (dict(wbits=3, abits=6), 16, 2048, 4096),
-], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16"])
-def test_gemv_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm, input_kernel):
-    """The decode kernel with its k range split over a cluster of CTAs (Hopper; elsewhere one CTA),
-    CTA 0 summing the others' partials through distributed shared memory: by size (0) and forced,
-    odd counts too (capped where a warp would get no k chunk); twice, so nothing depends on state a
-    first call left; and bit for bit the streaming tiles' output (integer sums, same epilogue)."""
-    forced_gemm("gemv", splits)
+    (dict(wbits=3, abits=6), 16, 2048, 4096), (dict(), 40, 300, 16384), (dict(block_size=32, block_out=32), 64, 96, 1024),
+], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16", "m40-long-rows", "m64-bo32"])
+def test_gemv_cluster_split_matches_float64(cfg, m, n, k, splits, tile, forced_gemm, input_kernel):
+    """The skinny kernel with its k range split over a cluster of CTAs (Hopper; elsewhere one CTA),
+    each CTA finishing a share of the tokens from every CTA's partials through distributed shared
+    memory: by size (0) and forced, odd counts too (capped where a warp would get no k chunk), codes
+    staged and direct (past M = 16 direct picks by size); twice, so nothing depends on state a first
+    call left; and bit for bit the streaming tiles' output (integer sums, same epilogue)."""
+    forced_gemm(tile, splits)
     y = check_gemm_against_float64(cfg, m, n, k, True)
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
     forced_gemm("stream", 0)

@@ -7,7 +7,7 @@ import duquant_ext as dq
 SWITCHES = [
     (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "mma", "auto")),
     (dq._C.set_gemm_tile, dq._C.gemm_tile, ("stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv",
-                                                  "auto")),
+                                                  "gemv-direct", "auto")),
 ]
 
 
@@ -32,7 +32,7 @@ def test_unknown_gemm_tile_is_refused_and_changes_nothing():
     dq._C.set_gemm_tile("64x64")
     try:
         with pytest.raises(RuntimeError, match=r'GEMM tile must be "auto", "stream", "32x32", "64x64", "128x128", '
-                                               r'"wgmma128", "wgmma256" or "gemv", got "256x128"'):
+                                               r'"wgmma128", "wgmma256", "gemv" or "gemv-direct", got "256x128"'):
             dq._C.set_gemm_tile("256x128")
         assert dq._C.gemm_tile() == "64x64"
     finally:

@@ -80,10 +80,13 @@ cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStr
 // the k range split over 8 warps (weight streaming at small M); kTileMxN: M x N tiles (mma.sync);
 // kWgmma128/256: 128 x 128 or 128 x 256 tiles on Hopper's warpgroup MMA (int4 weights, compute
 // capability 9.0, builds with sm_90a code: wgmma_gemm_available(); where it cannot run, forcing one
-// picks by size); kGemv: decode sizes, weights streamed straight into registers (M <= 16, int4
-// weights, K a multiple of 128; elsewhere forcing it picks by size).
+// picks by size); kGemv: the skinny kernel, weights streamed straight into registers and the tokens'
+// codes staged in shared memory (M <= 64, int4 weights, K a multiple of 128; elsewhere forcing it
+// picks by size); kGemvDirect: the same with each warp reading the codes from L2 (M <= 16), for
+// comparison.
 enum class GemmTile : int {
-  kAuto = 0, kStream = 1, kTile32 = 2, kTile64 = 3, kTile128 = 4, kWgmma128 = 5, kWgmma256 = 6, kGemv = 7
+  kAuto = 0, kStream = 1, kTile32 = 2, kTile64 = 3, kTile128 = 4, kWgmma128 = 5, kWgmma256 = 6, kGemv = 7,
+  kGemvDirect = 8
 };
 
 // True when this build has the wgmma kernel and the current device can run it.
