@@ -6,6 +6,7 @@ the L2 so they come from DRAM as in a real model). A tuning aid for the tile rul
 kernels/src/int_gemm.cu; benchmarks/linear_speed.py is the benchmark of record.
 
     PYTHONPATH=build/python python3 benchmarks/gemm_tile_sweep.py [--m 1,16,50,64,128,256] [--splits 1,2,4,8]
+        [--tiles gemv,stream] [--shapes 2048->16384,16384->2048]
 """
 import argparse
 import copy
@@ -31,28 +32,34 @@ def main():
     ap.add_argument("--splits", default="1,2,4,8",
                     help="split-k counts to try per tile (comma-separated; 0: the count picked by size)")
     ap.add_argument("--tiles", default=",".join(TILES), help="tile shapes to force (comma-separated)")
+    ap.add_argument("--shapes", default="", help="only these layer shapes, as K->N (comma-separated; default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rotate-l2", type=float, default=4.0,
                     help="replicate weights until the copies span this many L2 sizes")
     ap.add_argument("--max-copies", type=int, default=512)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to time")
-        return
-    props = torch.cuda.get_device_properties(0)
-    rotate_bytes = args.rotate_l2 * getattr(props, "L2_cache_size", 50 << 20)
     split_counts = [int(v) for v in args.splits.split(",")]
     tiles = [v for v in args.tiles.split(",") if v]
     unknown = sorted(set(tiles) - set(TILES))
     if unknown:
         ap.error(f"--tiles: unknown or unavailable here: {', '.join(unknown)} (choose from {', '.join(TILES)})")
+    all_shapes = {f"{k}->{n}": (k, n) for k, n in LLM_SHAPES + EXPERT_SHAPES}
+    wanted = [v for v in args.shapes.split(",") if v] or list(all_shapes)
+    unknown = sorted(set(wanted) - set(all_shapes))
+    if unknown:
+        ap.error(f"--shapes: unknown: {', '.join(unknown)} (choose from {', '.join(all_shapes)})")
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to time")
+        return
+    props = torch.cuda.get_device_properties(0)
+    rotate_bytes = args.rotate_l2 * getattr(props, "L2_cache_size", 50 << 20)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, W4A8, bf16 input; µs per call "
           f"(median of {args.repeats}); tile columns: fastest time/its split count; 1-split: fastest unsplit; "
           f"best = fastest forced tile and split")
     print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>10}" for t in tiles)
           + f" {'1-split':>8} {'auto':>7} {'best':>10} {'auto/best':>9}", flush=True)
     try:
-        for k, n in LLM_SHAPES + EXPERT_SHAPES:
+        for k, n in dict.fromkeys(all_shapes[v] for v in wanted):
             lin = nn.Linear(k, n, bias=False)
             layer = dq.DuQuantLinear.from_linear(lin, dq.Config()).cuda()
             bf16 = lin.to(device="cuda", dtype=torch.bfloat16)
@@ -72,9 +79,9 @@ def main():
                     t_auto = time_graph(ours, x, args.repeats, 2.0)[0]
                 cells = []
                 for tile in tiles:
-                    s_best = min((c for c in split_counts if (tile, c) in t), key=lambda c: t[tile, c])
+                    s_best = min((c for tl, c in t if tl == tile), key=lambda c: t[tile, c])
                     cells.append(f"{t[tile, s_best]:>7.1f}/{s_best:<2}")
-                unsplit = min(t[tile, 1] for tile in tiles) if 1 in split_counts else float("nan")
+                unsplit = min((v for (tl, c), v in t.items() if c == 1), default=float("nan"))
                 best = min(t, key=t.get)
                 print(f"{k:>5}->{n:<6} {m:>4} {t_bf16:>7.1f} " + " ".join(cells) + f" {unsplit:>8.1f} {t_auto:>7.1f} "
                       f"{best[0] + '/' + str(best[1]):>10} {t_auto / t[best]:>9.2f}", flush=True)

@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 2) int_gemv_kernel(IntGemmParams p) 
     }
   }
   // This CTA finishes tokens [tok0, tok1): all of them, or its share of a cluster's.
-  const int parts = gridDim.y, share = (TOK + parts - 1) / parts;
+  const int parts = gridDim.y, share = (rows + parts - 1) / parts;
   const int tok0 = min(TOK, static_cast<int>(blockIdx.y) * share);
   const int tok1 = min(rows, tok0 + share);
   float* tile = reinterpret_cast<float*>(body + (KS > 1 ? kWarps * 16 * TOK * 4 : 0));
@@ -407,7 +407,8 @@ GemvShape staged_shape(const IntGemmParams& p, int forced_parts) {
 // past M = 16, or where direct cannot run.
 GemvShape gemv_shape(const IntGemmParams& p, bool direct, int forced_parts) {
   const int bo = out_block(p);
-  if (p.m < 1 || p.m > kMaxTokens || p.wbits > 4 || p.k % kChunk != 0 || bo > kMaxBo || p.a_stride % 16 != 0)
+  if (p.m < 1 || p.m > kMaxTokens || p.wbits > 4 || p.k < kChunk || p.k % kChunk != 0 || bo > kMaxBo ||
+      p.a_stride % 16 != 0)
     return GemvShape{};
   if (direct) return direct_shape(p, forced_parts);
   const GemvShape d = direct_shape(p, forced_parts);
@@ -421,7 +422,11 @@ cudaError_t launch_gemv(const IntGemmParams& p, const GemvShape& s, cudaStream_t
   constexpr int cols = 16 * (kWarps / KS);
   constexpr int U = STAGED && TOK == 64 ? 2 : 4;
   constexpr auto kernel = int_gemv_kernel<TOK, KS, U, STAGED>;
-  if (cudaError_t e = allow_dynamic_smem<kernel>(kMaxSmemBytes); e != cudaSuccess) return e;
+  // The most any launch of it asks for: what the device offers (99 KB on sm_86/89), which the
+  // shapes stay within.
+  const int most = device_facts().smem_optin > 0 && device_facts().smem_optin < kMaxSmemBytes ? device_facts().smem_optin
+                                                                                             : kMaxSmemBytes;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(most); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((p.n + cols - 1) / cols), static_cast<unsigned>(s.parts));
   return launch_kernel_clustered(kernel, grid, dim3(kThreads), s.smem, stream, p.chain,
                                  dim3(1, static_cast<unsigned>(s.parts), 1), p);

@@ -179,17 +179,20 @@ def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_
 
 
 @pytest.mark.parametrize("tile", ["gemv", "gemv-direct"])
-@pytest.mark.parametrize("splits", [0, 2, 3, 8])
+@pytest.mark.parametrize("splits", [0, 2, 3, 7, 8])
 @pytest.mark.parametrize("cfg,m,n,k", [
     (dict(), 1, 200, 8192), (dict(), 13, 96, 4096), (dict(block_size=32, block_out=32), 4, 256, 2048),
-    (dict(wbits=3, abits=6), 16, 2048, 4096), (dict(), 40, 300, 16384), (dict(block_size=32, block_out=32), 64, 96, 1024),
-], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16", "m40-long-rows", "m64-bo32"])
+    (dict(wbits=3, abits=6), 16, 2048, 4096), (dict(), 3, 9000, 1024), (dict(), 24, 300, 16384),
+    (dict(), 40, 300, 16384), (dict(block_size=32, block_out=32), 64, 96, 1024),
+], ids=["m1-long-rows", "m13", "bo32", "w3a6-m16", "m3-wide", "m24-long-rows", "m40-long-rows", "m64-bo32"])
 def test_gemv_cluster_split_matches_float64(cfg, m, n, k, splits, tile, forced_gemm, input_kernel):
     """The skinny kernel with its k range split over a cluster of CTAs (Hopper; elsewhere one CTA),
     each CTA finishing a share of the tokens from every CTA's partials through distributed shared
-    memory: by size (0) and forced, odd counts too (capped where a warp would get no k chunk), codes
-    staged and direct (past M = 16 direct picks by size); twice, so nothing depends on state a first
-    call left; and bit for bit the streaming tiles' output (integer sums, same epilogue)."""
+    memory: by size (0) and forced, odd counts too (7 of 8 chunks leaves CTAs without any), codes
+    staged and direct (past M = 16 direct picks by size). By size: m3-wide takes staged codes (direct
+    would need two waves of CTAs), m24-long-rows the 32-token staged kernel, the others direct up to
+    M = 16. Twice, so nothing depends on state a first call left; and bit for bit the streaming
+    tiles' output (integer sums, same epilogue)."""
     forced_gemm(tile, splits)
     y = check_gemm_against_float64(cfg, m, n, k, True)
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
