@@ -281,9 +281,9 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   // 5.7), faster or even at M <= 4 elsewhere except 1024->4096 and 1024->2048 at M = 1 (0.1-0.5 us
   // slower); at M = 8-16 with K <= 2048 the tiles were as fast or faster (2048->16384 at 16: 15.6
   // against 17.4). Past M = 16 (codes staged in shared memory) only for long rows, K >= 8192, at
-  // M <= 32 (benchmarks/results/gemv_staged_sweep_h200.txt: 16384->2048 at 32 39.5 -> 31.9): at
-  // M = 64, and on shorter rows, the tiles were as fast or faster (1024->4096 at 64: 9.7 against
-  // 14.1; 2048->16384 at 32: 21.8 against 23.2).
+  // M <= 32 (benchmarks/results/gemv_staged_sweep_h200.txt, 16384->2048 against split-k 64x64
+  // tiles: M = 17 36.2 -> 28.9, M = 32 37.9 -> 31.9): at M = 64, and on shorter rows, the tiles
+  // were as fast or faster (1024->4096 at 64: 9.7 against 14.1; 2048->16384 at 32: 21.8 against 23.2).
   const bool gemv_wins = gemv_ok && (p.m <= 16 ? p.m <= 4 || p.k >= 4096 : p.m <= 32 && p.k >= 8192);
   plan.tile = forced != GemmTile::kAuto ? forced
               : gemv_wins               ? GemmTile::kGemv
