@@ -424,8 +424,8 @@ cudaError_t launch_gemv(const IntGemmParams& p, const GemvShape& s, cudaStream_t
   constexpr auto kernel = int_gemv_kernel<TOK, KS, U, STAGED>;
   // The most any launch of it asks for: what the device offers (99 KB on sm_86/89), which the
   // shapes stay within.
-  const int most = device_facts().smem_optin > 0 && device_facts().smem_optin < kMaxSmemBytes ? device_facts().smem_optin
-                                                                                             : kMaxSmemBytes;
+  const int optin = device_facts().smem_optin;
+  const int most = optin > 0 && optin < kMaxSmemBytes ? optin : kMaxSmemBytes;
   if (cudaError_t e = allow_dynamic_smem<kernel>(most); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((p.n + cols - 1) / cols), static_cast<unsigned>(s.parts));
   return launch_kernel_clustered(kernel, grid, dim3(kThreads), s.smem, stream, p.chain,
