@@ -345,8 +345,8 @@ __device__ __forceinline__ bool split_k_gather(const SplitK& sk, int* tile_i) {
 // int_gemm_wgmma.cu: the large-M kernel on Hopper's warpgroup MMA, in builds with sm_90a code
 // (DUQUANT_KERNELS_WGMMA). Usable on compute capability 9.0 with int4 weights.
 bool wgmma_gemm_usable(const IntGemmParams& p);
-// 128 x bn output tiles, bn 128 or 256.
-cudaError_t int_gemm_wgmma(const IntGemmParams& p, int bn, cudaStream_t stream);
+// Output tiles of `tokens` (128 or 256) x 128 outputs.
+cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, cudaStream_t stream);
 
 // int_gemv.cu: the skinny kernel (M <= 64, int4 weights, K a multiple of 128; direct codes: M <=
 // 16). gemv_parts: the CTAs of a cluster that share each k range: `forced` (> 0) as far as the

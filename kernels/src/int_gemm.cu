@@ -210,7 +210,7 @@ TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
     case GemmTile::kStream: return {16, stream_wide(p) ? 32 : 16, 1024};
     case GemmTile::kTile32: return {32, 32, 512};
     case GemmTile::kTile64: return {64, 64, 256};
-    case GemmTile::kWgmma256: return {128, 256, 128};
+    case GemmTile::kWgmma256: return {256, 128, 128};  // 256 tokens x 128 outputs
     default: return {128, 128, 128};  // kTile128, kWgmma128
   }
 }
@@ -295,9 +295,9 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   // mma.sync kernels' 32x32 and 64x64 tiles, or split-k, win; at M <= 64 on 2048->16384, where
   // N alone makes enough tiles, it took 26-29 us against 14-25 for the streaming tiles).
   if (forced == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_ok) {
-    auto nearly_all = [&](int bn) { return 8 * tiles_of(TileGeometry{128, bn, 128}) >= 7 * p.num_sms; };
-    if (nearly_all(256)) plan.tile = GemmTile::kWgmma256;
-    else if (nearly_all(128)) plan.tile = GemmTile::kWgmma128;
+    auto nearly_all = [&](GemmTile t) { return 8 * tiles_of(geometry(t, p)) >= 7 * p.num_sms; };
+    if (nearly_all(GemmTile::kWgmma256)) plan.tile = GemmTile::kWgmma256;
+    else if (nearly_all(GemmTile::kWgmma128)) plan.tile = GemmTile::kWgmma128;
   }
   if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect) {  // a cluster shares the k range
     plan.splits = gemv_parts(p, plan.tile == GemmTile::kGemvDirect, p.splits);

@@ -2,13 +2,23 @@
 // for that architecture alone, kernels/CMakeLists.txt). Same contract and epilogue as int_gemm.cu's
 // mma.sync kernels (y'' = s_t s_n acc, the output block restore, bias, cast); only int4 weights.
 //
-// One 128 x BN output tile per CTA (BN 128 or 256), two warpgroups (64 token rows each), k in
-// stages of 128.
-// Per stage the activation codes are copied (cp.async) straight into the 128-byte-swizzled
-// K-major layout wgmma reads from shared memory; the packed weights are copied raw, then
-// unpacked by the same threads into a swizzled int8 tile while the previous stage's MMAs run.
+// Warp-specialised: one producer thread feeds a ring of shared-memory stages with the tensor memory
+// accelerator (TMA), two consumer warpgroups multiply. A CTA computes 128 outputs x TN tokens
+// (TN 128 or 256), k in stages of 128:
+// - The weights are wgmma's A operand, from registers: each consumer warpgroup owns 64 output
+//   rows; per stage its threads read their packed nibbles from shared memory (a 64-byte swizzle
+//   keeps those reads free of bank conflicts) and unpack them straight into the A fragments. The
+//   old kernel unpacked into a shared-memory int8 tile first; that traffic, plus every thread
+//   copying and a full barrier per stage, held it to ~420 int8 TOPS on an H200.
+// - The activation codes are B, read by the tensor cores from shared memory in the 128-byte
+//   swizzled K-major layout the TMA writes.
+// - Stage s's registers are refilled only after stage s-1's MMAs retire (wgmma.wait_group 1), and
+//   while stage s's run; a stage's slot goes back to the producer the same way (an mbarrier).
 // Nibbles are unpacked into the high half of each byte (value x 16), and the sum is shifted back,
 // as in int_gemm.cu. Integer sums are exact, so outputs equal the mma.sync kernels' bit for bit.
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>
+
 #include <cstdint>
 
 #include "duquant_kernels/kernels.h"
@@ -20,31 +30,30 @@ namespace kernels {
 namespace gemm {
 namespace {
 
-constexpr int kBM = 128;
-constexpr int kBK = 128;  // k per stage (bytes of int8 codes per activation row)
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kFeat = 128;               // outputs (weight rows) per CTA: two warpgroups of 64
+constexpr int kKs = 128;                 // k per stage: one 128-byte row of activation codes
+constexpr int kWRow = kKs / 2;           // bytes of a packed weight row per stage
+constexpr int kConsumers = 256;          // two warpgroups
+constexpr int kThreads = kConsumers + 128;  // and the producer warpgroup (one thread issues copies)
 
-// Shared-memory plan of a 128 x BN tile: STAGES activation and raw-weight stages, two unpacked
-// weight tiles (one converted ahead), the epilogue operands after them.
-template <int BN>
+// Shared-memory plan for TN tokens: the stages' activation tiles (1024-byte aligned for the
+// 128-byte swizzle), their weight tiles, then the epilogue operands and the mbarriers. The
+// epilogue's float tile reuses the stages.
+template <int TN>
 struct WgTile {
-  static constexpr int kStages = BN == 256 ? 3 : 4;
-  static constexpr int kATile = kBM * kBK;         // activation codes, swizzled
-  static constexpr int kB8Tile = BN * kBK;         // unpacked weights, swizzled
-  static constexpr int kBRawTile = BN * kBK / 2;   // packed weights as read
-  static constexpr int kAOffset = 0;
-  static constexpr int kB8Offset = kAOffset + kStages * kATile;
-  static constexpr int kBRawOffset = kB8Offset + 2 * kB8Tile;
-  static constexpr int kPipeBytes = kBRawOffset + kStages * kBRawTile;
-  using Epi = Epilogue<kBM, BN>;
+  static constexpr int kActBytes = TN * kKs;
+  static constexpr int kWBytes = kFeat * kWRow;
+  static constexpr int kStages = TN == 256 ? 4 : 6;
+  static constexpr int kActOffset = 0;
+  static constexpr int kWOffset = kStages * kActBytes;
+  static constexpr int kPipeBytes = kWOffset + kStages * kWBytes;
+  using Epi = Epilogue<TN, kFeat>;
   static constexpr int kBodyBytes = Epi::body_bytes(kPipeBytes);
-  static constexpr int kSmemBytes = Epi::smem_bytes(kPipeBytes) + 1024;  // + slack to align the base to 1024
+  static constexpr int kBarOffset = Epi::smem_bytes(kPipeBytes);  // full[kStages], empty[kStages]
+  static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base
   static_assert(kSmemBytes <= kMaxSmemBytes, "wgmma tile needs more shared memory than an SM has");
+  static_assert(kActBytes % 1024 == 0 && kWOffset % 1024 == 0 && kWBytes % 1024 == 0, "swizzle alignment");
 };
-
-// The 128-byte swizzle wgmma (and TMA) use: in each 1024-byte group of eight 128-byte rows, 16-byte
-// chunk c of row r sits at chunk c ^ (r % 8). Offsets are relative to a 1024-byte aligned base.
-__device__ __forceinline__ int swizzle128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 // Shared-memory matrix descriptor of a K-major, 128-byte-swizzled operand: rows of 128 bytes, 8-row
 // groups 1024 bytes apart (stride byte offset); the leading byte offset is unused for this layout.
@@ -53,156 +62,246 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// Byte offset of byte b (0..63) of weight row r in a stage's tile as the TMA writes it with the
+// 64-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ ((r / 2) % 4).
+__device__ __forceinline__ int w_swizzled(int r, int b) { return r * kWRow + ((((b >> 4) ^ (r >> 1)) & 3) << 4) + (b & 15); }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Box (c0, c1) of a 2-D tensor map into shared memory; completion counted in bytes on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+// Registers move from the producer warpgroup to the consumers (the entry cap, 65536 / 384 rounded
+// down per scheduler, is 168: too few for the 256-token accumulators and two fragment sets).
+__device__ __forceinline__ void producer_registers() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
+__device__ __forceinline__ void consumer_registers() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
+__device__ __forceinline__ void named_sync_consumers() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's async proxy.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// d += A (64 x 32, shared memory) * B (32 x N, shared memory), s8 x s8 -> s32; N/2 registers of d.
-__device__ __forceinline__ void wgmma_k32(int (&d)[64], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "l"(da), "l"(db));
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void wgmma_k32(int (&d)[128], uint64_t da, uint64_t db) {
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs.
+template <int R>
+__device__ __forceinline__ void fence_regs(int (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// d += A (64 x 32, registers: this thread's fragment a) * B (32 x 128, shared memory), s8 x s8 -> s32.
+__device__ __forceinline__ void wgmma_rs_k32(int (&d)[64], const uint32_t (&a)[4], uint64_t db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+// d += A (64 x 32, registers: this thread's fragment a) * B (32 x 256, shared memory), s8 x s8 -> s32.
+__device__ __forceinline__ void wgmma_rs_k32(int (&d)[128], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p;\n}\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]), "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]), "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]), "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]), "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]), "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]), "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]), "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]), "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
-      : "l"(da), "l"(db));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 #endif
 
-template <int BN>
-__global__ void __launch_bounds__(kThreads, 1) int_gemm_wgmma_kernel(IntGemmParams p) {
+template <int TN>
+__global__ void __launch_bounds__(kThreads, 1)
+    int_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
+                          IntGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = WgTile<BN>;
-  constexpr int kStages = T::kStages, kATile = T::kATile, kB8Tile = T::kB8Tile, kBRawTile = T::kBRawTile;
-  constexpr int kAOffset = T::kAOffset, kB8Offset = T::kB8Offset, kBRawOffset = T::kBRawOffset;
-  constexpr int kBN = BN;
+  using T = WgTile<TN>;
+  constexpr int kStages = T::kStages;
   using Epi = typename T::Epi;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  const int tid = threadIdx.x;
-  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int64_t w_row_bytes = p.k / 2;
-  const auto* a_g = reinterpret_cast<const unsigned char*>(p.a);
-  const auto* w_g = static_cast<const unsigned char*>(p.w);
-  const int num_stages = static_cast<int>((p.k + kBK - 1) / kBK);
-
-  auto load_a = [&](int stage, int slot) {
-    unsigned char* dst = smem + kAOffset + slot * kATile;
-    const int64_t k0 = static_cast<int64_t>(stage) * kBK;
-    for (int u = tid; u < kBM * 8; u += kThreads) {
-      const int r = u >> 3, c = u & 7;
-      const int64_t gr = m0 + r, gk = k0 + 16 * c;
-      const bool ok = gr < p.m && gk < p.k;
-      cp_async16(dst + swizzle128(r, c), ok ? a_g + gr * p.a_stride + gk : a_g, ok);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFeat;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * TN;
+  const int num_stages = static_cast<int>((p.k + kKs - 1) / kKs);
+  const uint32_t bars = smem_addr(smem + T::kBarOffset);
+  auto full = [&](int slot) { return bars + 8 * slot; };              // the producer's copies landed
+  auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };  // the consumers' 8 warps are done
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), kConsumers / 32);
     }
-  };
-  auto load_b = [&](int stage, int slot) {
-    unsigned char* dst = smem + kBRawOffset + slot * kBRawTile;
-    const int64_t b0 = static_cast<int64_t>(stage) * (kBK / 2);
-    for (int u = tid; u < kBN * 4; u += kThreads) {
-      const int r = u >> 2, c = u & 3;
-      const int64_t gn = n0 + r, gb = b0 + 16 * c;
-      const bool ok = gn < p.n && gb < w_row_bytes;
-      cp_async16(dst + r * (kBK / 2) + 16 * c, ok ? w_g + gn * w_row_bytes + gb : w_g, ok);
-    }
-  };
-  // Raw weights of `slot` -> int8 (x 16) into swizzled buffer `buf`: 8 packed bytes (16 k) a chunk.
-  auto convert_b = [&](int slot, int buf) {
-    const unsigned char* src = smem + kBRawOffset + slot * kBRawTile;
-    unsigned char* dst = smem + kB8Offset + buf * kB8Tile;
-    for (int u = tid; u < kBN * 8; u += kThreads) {
-      const int r = u >> 3, c = u & 7;
-      const uint2 w = *reinterpret_cast<const uint2*>(src + r * (kBK / 2) + 8 * c);
-      uint4 o;
-      unpack_nibbles_x16(w.x, o.x, o.y);
-      unpack_nibbles_x16(w.y, o.z, o.w);
-      *reinterpret_cast<uint4*>(dst + swizzle128(r, c)) = o;
-    }
-  };
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 
-  const Epilogue<kBM, kBN> ep(smem + T::kBodyBytes);
-  int acc[kBN / 2];
-#pragma unroll
-  for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
+  if (warp >= kConsumers / 32) {
+    producer_registers();
+    // The producer: one thread issues every copy. The first stages' weights before the chain wait
+    // (layer constants), the activations (the input kernel's codes) after it.
+    if (warp == kConsumers / 32 && lane == 0) {
+      const uint32_t act0 = smem_addr(smem + T::kActOffset), w0 = smem_addr(smem + T::kWOffset);
+      const int first = num_stages < kStages ? num_stages : kStages;
+      for (int s = 0; s < first; ++s) {
+        mbar_expect_tx(full(s), T::kActBytes + T::kWBytes);
+        tma_load(w0 + s * T::kWBytes, &w_map, s * kWRow, static_cast<int>(n0), full(s));
+      }
+      pdl_wait();
+      for (int s = 0; s < first; ++s) tma_load(act0 + s * T::kActBytes, &act_map, s * kKs, static_cast<int>(m0), full(s));
+      for (int s = kStages; s < num_stages; ++s) {
+        const int slot = s % kStages;
+        mbar_wait(empty(slot), ((s / kStages) - 1) & 1);
+        mbar_expect_tx(full(slot), T::kActBytes + T::kWBytes);
+        tma_load(w0 + slot * T::kWBytes, &w_map, s * kWRow, static_cast<int>(n0), full(slot));
+        tma_load(act0 + slot * T::kActBytes, &act_map, s * kKs, static_cast<int>(m0), full(slot));
+      }
+    }
+    pdl_trigger();
+    return;
+  }
 
-  // Weights of the first stages before the chain wait (layer constants), then the epilogue
-  // operands and the activations (written by the input kernel).
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s)
-    if (s < num_stages) load_b(s, s);
+  consumer_registers();
+  // The consumers. Warp wq of warpgroup wg holds weight rows (outputs) wrow and wrow + 8 of the tile.
+  const int wg = warp / 4, wq = warp % 4, g = lane >> 2, t = lane & 3;
+  const int wrow = wg * 64 + wq * 16 + g;
+  const Epi ep(smem + T::kBodyBytes);
   pdl_wait();
-  load_epilogue_operands<kBM, kBN, kThreads>(p, m0, n0, ep);
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_stages) load_a(s, s);
-    cp_async_commit();
-  }
-  cp_async_wait<kStages - 2>();
-  __syncthreads();
-  if (num_stages > 0) convert_b(0, 0);
-  fence_async_smem();
-  __syncthreads();
+  load_epilogue_operands<TN, kFeat, kConsumers>(p, m0, n0, ep);
+  cp_async_commit();
 
-  const uint32_t a_base = smem_addr(smem + kAOffset) + wg * 64 * kBK;
-  const uint32_t b_base = smem_addr(smem + kB8Offset);
-  for (int s = 0; s < num_stages; ++s) {
-    const int slot = s % kStages, buf = s & 1;
-    wgmma_fence();
+  int acc[TN / 2];
 #pragma unroll
-    for (int j = 0; j < kBK / 32; ++j)
-      wgmma_k32(acc, smem_desc(a_base + slot * kATile + 32 * j), smem_desc(b_base + buf * kB8Tile + 32 * j));
+  for (int i = 0; i < TN / 2; ++i) acc[i] = 0;
+
+  // A fragments of a stage (m64k32 each, j = k step): a[j][0] row wrow, k 32j + 4t..+3; [1] row
+  // wrow + 8; [2], [3] the same rows at k + 16. 4 packed nibbles are 2 bytes at 16j + 2t (+ 8).
+  auto convert = [&](int slot, uint32_t (&a)[4][4]) {
+    const unsigned char* wt = smem + T::kWOffset + slot * T::kWBytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wrow + 8 * h;
+        const uint32_t lo = *reinterpret_cast<const unsigned short*>(wt + w_swizzled(r, 16 * j + 2 * t));
+        const uint32_t hi = *reinterpret_cast<const unsigned short*>(wt + w_swizzled(r, 16 * j + 8 + 2 * t));
+        unpack_nibbles_x16(lo | (hi << 16), a[j][h], a[j][2 + h]);
+      }
+  };
+  const uint32_t act_base = smem_addr(smem + T::kActOffset);
+  auto mma_stage = [&](int s, const uint32_t (&a)[4][4]) {
+    const uint32_t b = act_base + (s % kStages) * T::kActBytes;
+    wgmma_fence();
+    fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_rs_k32(acc, a[j], smem_desc(b + 32 * j));
     wgmma_commit();
-    // While the tensor cores run: refill the slot stage s-1 freed, land stage s+1, unpack its weights.
-    const int next = s + kStages - 1;
-    if (next < num_stages) {
-      load_a(next, next % kStages);
-      load_b(next, next % kStages);
+    fence_regs(acc);
+  };
+  // After stage s is issued: once stage s-1's MMAs retire, its slot goes back to the producer and
+  // its registers take stage s+1's weights (while stage s runs).
+  auto refill = [&](int s, uint32_t (&next)[4][4]) {
+    wgmma_wait<1>();
+    fence_regs(acc);
+    if (s > 0 && lane == 0) mbar_arrive(empty((s - 1) % kStages));
+    if (s + 1 < num_stages) {
+      mbar_wait(full((s + 1) % kStages), ((s + 1) / kStages) & 1);
+      convert((s + 1) % kStages, next);
     }
-    cp_async_commit();
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (s + 1 < num_stages) convert_b((s + 1) % kStages, buf ^ 1);
-    fence_async_smem();
-    wgmma_wait_all();
-    __syncthreads();  // stage s's operands free for the refill in the next iteration
+  };
+  uint32_t a0[4][4], a1[4][4];  // two register sets, used in turn (constant indices: no local memory)
+  mbar_wait(full(0), 0);
+  convert(0, a0);
+  for (int s = 0; s < num_stages; s += 2) {
+    mma_stage(s, a0);
+    refill(s, a1);
+    if (s + 1 < num_stages) {
+      mma_stage(s + 1, a1);
+      refill(s + 1, a0);
+    }
   }
+  wgmma_wait<0>();
+  fence_regs(acc);
   pdl_trigger();
   cp_async_wait<0>();
-  __syncthreads();
+  named_sync_consumers();  // every MMA retired: the stages may be overwritten; the operands landed
 
-  // Accumulator layout of m64nN: warp w of the warpgroup holds rows 16w + g and 16w + g + 8,
-  // columns 8j + 2t and 8j + 2t + 1 of each n8 block j.
+  // Accumulator layout of m64nTN: warp wq holds rows (outputs) 16wq + g and 16wq + g + 8, columns
+  // (tokens) 8j + 2t and 8j + 2t + 1 of each n8 block j. The tile is [token][output].
   float* tile_f = reinterpret_cast<float*>(smem);
-  const int row = wg * 64 + warp * 16 + g;
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j)
+  for (int j = 0; j < TN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int r = row + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t + (e & 1);
-      tile_f[r * Epi::kStride + c] = static_cast<float>(acc[4 * j + e] >> 4) * ep.st[r] * ep.sn[c];
+      const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
+      tile_f[tok * Epi::kStride + f] = static_cast<float>(acc[4 * j + e] >> 4) * ep.st[tok] * ep.sn[f];
     }
-  __syncthreads();
-  restore_bias_store<kBM, kBN, kThreads>(p, m0, n0, tile_f, ep);
+  named_sync_consumers();
+  restore_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
 #else
   __trap();  // never launched: wgmma_gemm_usable() is false without sm_90a code
 #endif
 }
 
+// The driver's tensor-map encoder, through the runtime (no link against libcuda); null when the
+// driver lacks it.
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// A 2-D byte matrix (rows x cols, `stride` bytes between rows) read in boxes of box_rows x
+// box_cols; what lies outside it reads as zeros.
+bool byte_matrix_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int64_t stride, int box_rows,
+                     int box_cols, CUtensorMapSwizzle swizzle) {
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 }  // namespace
 
 bool wgmma_gemm_usable(const IntGemmParams& p) {
-  if (p.wbits > 4) return false;
+  // The copy engine reads 16-byte aligned rows.
+  if (p.wbits > 4 || reinterpret_cast<uintptr_t>(p.a) % 16 != 0 || p.a_stride % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.w) % 16 != 0 || p.k % 32 != 0)
+    return false;
   static int usable[64] = {};  // 0 unknown, 1 yes, -1 no
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return false;
@@ -210,22 +309,27 @@ bool wgmma_gemm_usable(const IntGemmParams& p) {
     int major = 0, minor = 0;
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    usable[dev] = ok && major == 9 && minor == 0 ? 1 : -1;  // sm_90a code runs on 9.0 alone
+    // sm_90a code runs on 9.0 alone.
+    usable[dev] = ok && major == 9 && minor == 0 && tensor_map_encoder() != nullptr ? 1 : -1;
   }
   return usable[dev] > 0;
 }
 
-template <int BN>
+template <int TN>
 cudaError_t launch_wgmma(const IntGemmParams& p, cudaStream_t stream) {
-  constexpr auto kernel = int_gemm_wgmma_kernel<BN>;
-  constexpr int smem = WgTile<BN>::kSmemBytes;
+  constexpr auto kernel = int_gemm_wgmma_kernel<TN>;
+  constexpr int smem = WgTile<TN>::kSmemBytes;
+  CUtensorMap act_map, w_map;
+  if (!byte_matrix_map(&act_map, p.a, p.m, p.k, p.a_stride, TN, kKs, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !byte_matrix_map(&w_map, p.w, p.n, p.k / 2, p.k / 2, kFeat, kWRow, CU_TENSOR_MAP_SWIZZLE_64B))
+    return cudaErrorInvalidValue;
   if (cudaError_t e = allow_dynamic_smem<kernel>(smem); e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((p.n + BN - 1) / BN), static_cast<unsigned>((p.m + kBM - 1) / kBM));
-  return launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p.chain, p);
+  const dim3 grid(static_cast<unsigned>((p.n + kFeat - 1) / kFeat), static_cast<unsigned>((p.m + TN - 1) / TN));
+  return launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p.chain, act_map, w_map, p);
 }
 
-cudaError_t int_gemm_wgmma(const IntGemmParams& p, int bn, cudaStream_t stream) {
-  return bn == 256 ? launch_wgmma<256>(p, stream) : launch_wgmma<128>(p, stream);
+cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, cudaStream_t stream) {
+  return tokens == 256 ? launch_wgmma<256>(p, stream) : launch_wgmma<128>(p, stream);
 }
 
 }  // namespace gemm

@@ -78,9 +78,10 @@ cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStr
 // Which tile shape the GEMMs run: kAuto picks by M, N and the SM count (int_gemm.cu, wo_gemm.cu);
 // the others force one, for tests and benchmarks. kStream: 16 tokens x 16 or 32 outputs per CTA,
 // the k range split over 8 warps (weight streaming at small M); kTileMxN: M x N tiles (mma.sync);
-// kWgmma128/256: 128 x 128 or 128 x 256 tiles on Hopper's warpgroup MMA (int4 weights, compute
-// capability 9.0, builds with sm_90a code: wgmma_gemm_available(); where it cannot run, forcing one
-// picks by size); kGemv: the skinny kernel, weights streamed straight into registers and the tokens'
+// kWgmma128/256: 128 or 256 tokens x 128 outputs on Hopper's warpgroup MMA, fed by the tensor
+// memory accelerator (int4 weights, compute capability 9.0, builds with sm_90a code:
+// wgmma_gemm_available(); 16-byte aligned codes and weights; where it cannot run, forcing one picks
+// by size); kGemv: the skinny kernel, weights streamed straight into registers and the tokens'
 // codes staged in shared memory (M <= 64, int4 weights, K a multiple of 128; elsewhere forcing it
 // picks by size); kGemvDirect: the same with each warp reading the codes from L2 (M <= 16), for
 // comparison.
