@@ -289,15 +289,16 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
               : gemv_wins               ? GemmTile::kGemv
               : long_rows               ? GemmTile::kTile64
                                         : auto_tile(p);
-  // Hopper, int4 weights, past M = 128: the wgmma kernel wherever its tiles give nearly every SM
-  // one, the wider where it can (benchmarks/gemm_tile_sweep.py, H200: it won every such cell,
-  // 2048->16384 at M = 4096 711 us against 1063 for 128x128 mma.sync tiles; with fewer tiles the
-  // mma.sync kernels' 32x32 and 64x64 tiles, or split-k, win; at M <= 64 on 2048->16384, where
-  // N alone makes enough tiles, it took 26-29 us against 14-25 for the streaming tiles).
-  if (forced == GemmTile::kAuto && p.m > 128 && !long_rows && wgmma_ok) {
-    auto nearly_all = [&](GemmTile t) { return 8 * tiles_of(geometry(t, p)) >= 7 * p.num_sms; };
-    if (nearly_all(GemmTile::kWgmma256)) plan.tile = GemmTile::kWgmma256;
-    else if (nearly_all(GemmTile::kWgmma128)) plan.tile = GemmTile::kWgmma128;
+  // Hopper, int4 weights, past M = 128: the wgmma kernel, 256-token tiles where they give nearly
+  // every SM one, else 128-token tiles where those reach a fifth of the SMs, long rows included
+  // (benchmarks/results/gemm_tiles_wgmma_h200.txt, H200, layer us: 2048->16384 at M = 4096 410
+  // against 1151 for 64x64 mma.sync tiles; with 32 of them, 2048->2048 at M = 256 22.1 against
+  // 24.4 for 32x32 and 16384->2048 at M = 256 108.9 against 122.9 for split-k 64x64; with 16,
+  // 2048->256 at M = 1024, 27.0 against 21.4 for 32x32).
+  if (forced == GemmTile::kAuto && p.m > 128 && wgmma_ok) {
+    auto tiles = [&](GemmTile t) { return tiles_of(geometry(t, p)); };
+    if (8 * tiles(GemmTile::kWgmma256) >= 7 * p.num_sms) plan.tile = GemmTile::kWgmma256;
+    else if (5 * tiles(GemmTile::kWgmma128) >= p.num_sms) plan.tile = GemmTile::kWgmma128;
   }
   if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect) {  // a cluster shares the k range
     plan.splits = gemv_parts(p, plan.tile == GemmTile::kGemvDirect, p.splits);

@@ -14,6 +14,10 @@
 //   swizzled K-major layout the TMA writes.
 // - Stage s's registers are refilled only after stage s-1's MMAs retire (wgmma.wait_group 1), and
 //   while stage s's run; a stage's slot goes back to the producer the same way (an mbarrier).
+// H200 (benchmarks/results/gemm_tiles_wgmma_h200.txt): 2048->16384 at M = 4096 in 410 us for
+// the layer (the first version: 684). A variant without the producer warpgroup, its 128-token
+// tiles two CTAs an SM so that one's epilogue overlaps the other's MMAs, measured no faster
+// (2048->2048 at M = 1024: 38.0 against 27.8 us).
 // Nibbles are unpacked into the high half of each byte (value x 16), and the sum is shifted back,
 // as in int_gemm.cu. Integer sums are exact, so outputs equal the mma.sync kernels' bit for bit.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes through the runtime)
