@@ -16,11 +16,14 @@ void bind_fast_path(py::module_& m) {
   m.def("set_gemm_tile", &duquant::set_gemm_tile, py::arg("which"),
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
         "per CTA, k split over 8 warps), \"32x32\", \"64x64\", \"128x128\", \"wgmma128\" or \"wgmma256\" "
-        "(Hopper, int4 weights), \"gemv\" (the skinny kernel, M <= 64) or \"gemv-direct\" (the same reading "
+        "(Hopper, int4 weights: 128 or 256 tokens x 128 outputs), \"gemv\" (the skinny kernel, M <= 64) or \"gemv-direct\" (the same reading "
         "activation codes from L2, M <= 16); where the forced one cannot run, \"auto\".");
   m.def("wgmma_gemm_available", &duquant::wgmma_gemm_available,
         "True when the build has the wgmma GEMM (sm_90a code) and the current CUDA device can run it.");
   m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");
+  m.def("last_gemm_tile", &duquant::last_gemm_tile,
+        "The tile shape the last W4A8/W8A8 fast-path forward launched, as set_gemm_tile names them (never "
+        "\"auto\"): what a forced choice really ran. \"\" before the first; CUDA graph replays do not count.");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
         "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles, and the decode "
         "kernel, \"gemv\", over a cluster of at most 8 on Hopper), process-wide: 0 (default) picks by size, "

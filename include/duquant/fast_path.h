@@ -42,13 +42,18 @@ std::string input_kernel();
 // Which GEMM tile shape the fast path runs, process-wide, for comparing them in tests and
 // benchmarks: "auto" (the default: picked by M, N and the GPU's SM count), "stream" (16 tokens x
 // 16-32 outputs per CTA, k split over 8 warps: weight streaming), "32x32", "64x64", "128x128"
-// (mma.sync), "wgmma128" or "wgmma256" (128x128, 128x256 on Hopper's warpgroup MMA, int4 weights;
+// (mma.sync), "wgmma128" or "wgmma256" (128 or 256 tokens x 128 outputs on Hopper's warpgroup
+// MMA, int4 weights;
 // where they cannot run, see wgmma_gemm_available(), the choice falls back to "auto"), "gemv" (the
 // skinny kernel: M <= 64, int4 weights, K a multiple of 128, weights streamed into registers, the
 // tokens' codes staged in shared memory; elsewhere "auto"), "gemv-direct" (the same with the codes
 // read from L2 by each warp, M <= 16). Anything else throws.
 void set_gemm_tile(const std::string& which);
 std::string gemm_tile();
+// The tile shape the last W4A8/W8A8 fast-path forward launched (on any thread), named as
+// set_gemm_tile names them but never "auto": what a forced choice really ran, since one that cannot
+// run falls back to picking by size. "" before the first. CUDA graph replays launch nothing here.
+std::string last_gemm_tile();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
 // (compute capability 9.0) can run it.
 bool wgmma_gemm_available();

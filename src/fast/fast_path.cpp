@@ -34,6 +34,7 @@ class KernelChoice {
     TORCH_CHECK(false, what_, " must be ", allowed, ", got \"", which, "\"");
   }
   std::string name() const { return names_[index_.load()]; }
+  std::string name_of(int index) const { return index >= 0 && index < static_cast<int>(N) ? names_[index] : "?"; }
   int index() const { return index_.load(); }
 
  private:
@@ -46,6 +47,7 @@ KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"})
 KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
+std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 
 }  // namespace
 
@@ -56,6 +58,11 @@ int input_kernel_index() { return g_input_kernel.index(); }
 void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }
 std::string gemm_tile() { return g_gemm_tile.name(); }
 int gemm_tile_index() { return g_gemm_tile.index(); }
+void note_gemm_tile_launched(int tile) { g_last_gemm_tile = tile; }
+std::string last_gemm_tile() {
+  const int t = g_last_gemm_tile.load();
+  return t < 0 ? std::string() : g_gemm_tile.name_of(t);
+}
 
 void set_gemm_splits(int64_t splits) {
   TORCH_CHECK(splits >= 0 && splits <= 64, "GEMM splits must be 0 (picked by size) or 1..64, got ", splits);

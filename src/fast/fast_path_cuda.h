@@ -14,6 +14,8 @@ namespace duquant {
 int input_kernel_index();
 // set_gemm_tile()'s choice as a kernels::GemmTile value.
 int gemm_tile_index();
+// Records the kernels::GemmTile an integer GEMM launch ran (last_gemm_tile()).
+void note_gemm_tile_launched(int tile);
 
 namespace cuda_fast {
 

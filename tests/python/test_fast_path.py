@@ -153,6 +153,36 @@ def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     check_gemm_against_float64(cfg, m, n, k, bias)
 
 
+@pytest.mark.parametrize("tile,cfg,m,n,k", [
+    ("stream", dict(), 1, 256, 512), ("32x32", dict(), 33, 250, 1024), ("64x64", dict(wbits=8), 129, 512, 384),
+    ("128x128", dict(), 300, 1000, 2048), ("gemv", dict(), 50, 1000, 2048), ("gemv-direct", dict(), 9, 200, 384),
+    ("wgmma128", dict(), 300, 1000, 2048), ("wgmma128", dict(wbits=3, abits=4), 7, 200, 96),
+    ("wgmma256", dict(block_size=32, block_out=32), 600, 136, 640), ("wgmma256", dict(), 129, 512, 384),
+])
+def test_forced_tile_is_the_one_that_runs(tile, cfg, m, n, k, forced_gemm):
+    """A forced tile that can run is the one launched (last_gemm_tile), so the float64 tests above
+    really cover it: a forced choice that cannot run falls back to picking by size silently."""
+    if tile.startswith("wgmma") and not dq._C.wgmma_gemm_available():
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
+    forced_gemm(tile, 0)
+    check_gemm_against_float64(cfg, m, n, k, True)
+    assert dq._C.last_gemm_tile() == tile
+
+
+@pytest.mark.parametrize("tile,cfg,m", [("wgmma256", dict(wbits=8), 300), ("gemv", dict(), 65),
+                                        ("gemv-direct", dict(), 17)],
+                         ids=["wgmma-int8-weights", "gemv-past-64-tokens", "gemv-direct-past-16"])
+def test_forced_tile_that_cannot_run_picks_by_size(tile, cfg, m, forced_gemm):
+    n, k = 1000, 2048
+    forced_gemm("auto", 0)
+    check_gemm_against_float64(cfg, m, n, k, True)
+    by_size = dq._C.last_gemm_tile()
+    assert by_size not in ("", "auto", tile)
+    forced_gemm(tile, 0)
+    check_gemm_against_float64(cfg, m, n, k, True)
+    assert dq._C.last_gemm_tile() == by_size
+
+
 @pytest.fixture
 def forced_gemm():
     """Forces a GEMM tile and split-k count for one test: yields a setter, restores auto after."""

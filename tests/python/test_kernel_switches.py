@@ -1,6 +1,7 @@
 """_C.set_input_kernel and _C.set_gemm_tile: the switches benchmarks and the fast-path tests use to
 compare kernels. Run without a GPU (the switches are process state)."""
 import pytest
+import torch
 
 import duquant_ext as dq
 
@@ -50,3 +51,12 @@ def test_gemm_splits_round_trip_and_range():
         assert dq._C.gemm_splits() == 4
     finally:
         dq._C.set_gemm_splits(0)
+
+
+def test_last_gemm_tile_names_a_tile_never_auto():
+    """Empty before any W4A8/W8A8 forward on a GPU (test_fast_path.py checks what it names)."""
+    ran = dq._C.last_gemm_tile()
+    if not torch.cuda.is_available():
+        assert ran == ""
+    else:
+        assert ran in ("", "stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv", "gemv-direct")
