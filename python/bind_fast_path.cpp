@@ -17,7 +17,8 @@ void bind_fast_path(py::module_& m) {
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
         "per CTA, k split over 8 warps), \"32x32\", \"64x64\", \"128x128\", \"wgmma128\" or \"wgmma256\" "
         "(Hopper, int4 weights: 128 or 256 tokens x 128 outputs), \"gemv\" (the skinny kernel, M <= 64) or \"gemv-direct\" (the same reading "
-        "activation codes from L2, M <= 16); where the forced one cannot run, \"auto\".");
+        "activation codes from L2, M <= 16); where the forced one cannot run (last_gemm_tile() says what "
+        "ran), \"auto\".");
   m.def("wgmma_gemm_available", &duquant::wgmma_gemm_available,
         "True when the build has the wgmma GEMM (sm_90a code) and the current CUDA device can run it.");
   m.def("gemm_tile", &duquant::gemm_tile, "The GEMM tile shape set by set_gemm_tile.");

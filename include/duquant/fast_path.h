@@ -43,8 +43,8 @@ std::string input_kernel();
 // benchmarks: "auto" (the default: picked by M, N and the GPU's SM count), "stream" (16 tokens x
 // 16-32 outputs per CTA, k split over 8 warps: weight streaming), "32x32", "64x64", "128x128"
 // (mma.sync), "wgmma128" or "wgmma256" (128 or 256 tokens x 128 outputs on Hopper's warpgroup
-// MMA, int4 weights;
-// where they cannot run, see wgmma_gemm_available(), the choice falls back to "auto"), "gemv" (the
+// MMA, int4 weights; where they cannot run, see wgmma_gemm_available(), or codes and weights are
+// not 16-byte aligned, the choice falls back to "auto"), "gemv" (the
 // skinny kernel: M <= 64, int4 weights, K a multiple of 128, weights streamed into registers, the
 // tokens' codes staged in shared memory; elsewhere "auto"), "gemv-direct" (the same with the codes
 // read from L2 by each warp, M <= 16). Anything else throws.

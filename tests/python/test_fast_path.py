@@ -158,6 +158,10 @@ def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     ("128x128", dict(), 300, 1000, 2048), ("gemv", dict(), 50, 1000, 2048), ("gemv-direct", dict(), 9, 200, 384),
     ("wgmma128", dict(), 300, 1000, 2048), ("wgmma128", dict(wbits=3, abits=4), 7, 200, 96),
     ("wgmma256", dict(block_size=32, block_out=32), 600, 136, 640), ("wgmma256", dict(), 129, 512, 384),
+    # the wgmma epilogue with every Bo (8, 4 and 2: the scalar restore), and a last k stage cut short
+    # after the ring of stages has wrapped (K = 1056: 9 stages of 128, the last 32 wide)
+    ("wgmma128", dict(block_out=8), 200, 520, 1056), ("wgmma256", dict(block_size=4, block_out=4), 300, 264, 1056),
+    ("wgmma128", dict(block_size=8, block_out=2), 131, 130, 288),
 ])
 def test_forced_tile_is_the_one_that_runs(tile, cfg, m, n, k, forced_gemm):
     """A forced tile that can run is the one launched (last_gemm_tile), so the float64 tests above
@@ -181,6 +185,23 @@ def test_forced_tile_that_cannot_run_picks_by_size(tile, cfg, m, forced_gemm):
     forced_gemm(tile, 0)
     check_gemm_against_float64(cfg, m, n, k, True)
     assert dq._C.last_gemm_tile() == by_size
+
+
+@pytest.mark.parametrize("k,n,m,picks_wgmma", [(16384, 2048, 256, True), (2048, 256, 1024, False)],
+                         ids=["long-rows-32-tiles", "narrow-16-tiles"])
+def test_auto_runs_wgmma_where_its_tiles_reach_a_fifth_of_the_sms(k, n, m, picks_wgmma):
+    """int_gemm_plan's rule on Hopper (H100/H200: 114-132 SMs): 128-token wgmma tiles once they number
+    a fifth of the SMs (32 here), long rows included; with 16 the mma.sync tiles."""
+    if not dq._C.wgmma_gemm_available():
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
+    assert dq._C.gemm_tile() == "auto"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = (n // 128) * (m // 128)
+    assert (5 * tiles >= sms) == picks_wgmma, f"{sms} SMs: this case does not test the rule here"
+    layer = dq.DuQuantLinear.from_linear(nn.Linear(k, n, bias=False), dq.Config()).cuda()
+    layer(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    ran = dq._C.last_gemm_tile()
+    assert (ran == "wgmma128") if picks_wgmma else not ran.startswith("wgmma"), ran
 
 
 @pytest.fixture
