@@ -174,12 +174,11 @@ __device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, Loa
 // the epilogue touches no global memory but its output (dependent global loads there cost more
 // than the whole main loop): st[BM] token scales (1 when there are none), sn[BN] weight scales,
 // bias[BN], r: the tile's R_out blocks, one contiguous run since BN % Bo == 0.
-// MAXBO: the largest Bo the kernel takes (the R_out region's size).
-template <int BM, int BN, int MAXBO = 32>
+template <int BM, int BN>
 struct Epilogue {
   static constexpr int kStride = BN + 4;
   static constexpr int kTileBytes = BM * kStride * 4;
-  static constexpr int kMaxBo = MAXBO;
+  static constexpr int kMaxBo = 32;
   static constexpr int kOperandBytes = (BM + 2 * BN + BN * kMaxBo) * 4;
   // Where the operand region starts, and the kernel's whole dynamic shared memory.
   static constexpr int body_bytes(int pipe_bytes) { return pipe_bytes > kTileBytes ? pipe_bytes : kTileBytes; }
@@ -193,9 +192,9 @@ struct Epilogue {
       : st(reinterpret_cast<float*>(operands)), sn(st + BM), bias(sn + BN), r(bias + BN) {}
 };
 
-template <int BM, int BN, int THREADS, int MAXBO>
+template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, int64_t m0, int64_t n0,
-                                                       const Epilogue<BM, BN, MAXBO>& ep) {
+                                                       const Epilogue<BM, BN>& ep) {
   const int tid = threadIdx.x;
   const int bo = p.r_out ? p.block_out : 1;
   for (int i = tid; i < BM; i += THREADS) {
@@ -257,32 +256,26 @@ __device__ __forceinline__ void restore_quad(const float* tile_f, const float* r
 
 // tile_f[BM][kStride] holds y'' (padding rows/columns exact zeros); writes
 // y = restore(y'') + bias in the output dtype.
-template <int BM, int BN, int THREADS, int MAXBO>
+template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64_t m0, int64_t n0,
-                                                   const float* tile_f, const Epilogue<BM, BN, MAXBO>& ep) {
-  constexpr int EPI_STRIDE = Epilogue<BM, BN, MAXBO>::kStride;
+                                                   const float* tile_f, const Epilogue<BM, BN>& ep) {
+  constexpr int EPI_STRIDE = Epilogue<BM, BN>::kStride;
   const int bo = p.r_out ? p.block_out : 1;
   if (bo >= 4) {
     // Items of RPT rows x 4 columns; 2 rows each where the tile has enough items for every thread
     // (4 rows pushed the 64x64 tile past 128 registers, to one CTA per SM).
     constexpr int RPT = (BM / 2) * (BN / 4) >= THREADS ? 2 : 1;
     constexpr int ITEMS = (BM / RPT) * (BN / 4);
-    // Where the tile allows, a warp takes 8 consecutive rows (step 8 between a thread's rows) x 16
-    // columns: its R_out reads are 64 bytes every lane shares, its y'' reads 8 rows in distinct
-    // banks, its stores 32-byte runs. Lanes along columns (the other way) read R_out 512 bytes at a
-    // time: the epilogue of the 256 x 128 wgmma tile was bound by those shared-memory reads.
-    constexpr bool kWarpBlocks = BM % (8 * RPT) == 0 && BN % 16 == 0;
-    constexpr int RSTEP = kWarpBlocks ? 8 : 1;
+    // A warp takes 8 consecutive rows (step 8 between a thread's rows) x 16 columns: its R_out
+    // reads are 64 bytes every lane shares, its y'' reads 8 rows in distinct banks, its stores
+    // 32-byte runs. Lanes along columns (the other way) read R_out 512 bytes at a time: the
+    // epilogue of the 256 x 128 wgmma tile was bound by those shared-memory reads.
+    constexpr int RSTEP = 8;
+    static_assert(BM % (8 * RPT) == 0 && BN % 16 == 0, "every GEMM tile is 8 x RPT rows by 16 columns whole");
     for (int it = threadIdx.x; it < ITEMS; it += THREADS) {
-      int r0, c0;
-      if constexpr (kWarpBlocks) {
-        const int lo = it % 4, rg = (it / 4) % 8, rest = it / 32, row_blocks = BM / (8 * RPT);
-        r0 = (rest % row_blocks) * 8 * RPT + rg;
-        c0 = ((rest / row_blocks) * 4 + lo) * 4;
-      } else {
-        r0 = (it / (BN / 4)) * RPT;
-        c0 = (it % (BN / 4)) * 4;
-      }
+      const int lo = it % 4, rg = (it / 4) % 8, rest = it / 32, row_blocks = BM / (8 * RPT);
+      const int r0 = (rest % row_blocks) * 8 * RPT + rg;
+      const int c0 = ((rest / row_blocks) * 4 + lo) * 4;
       float out[RPT][4];
       restore_quad<RPT, EPI_STRIDE, RSTEP>(tile_f, ep.r, bo, r0, c0, out);
       const int64_t gn0 = n0 + c0;
