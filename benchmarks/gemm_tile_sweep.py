@@ -1,6 +1,7 @@
 """Which GEMM tile shape and split-k count are fastest where: every W4A8 layer shape of
 linear_speed.py at small and medium token counts, timed with each tile shape and split count forced
-(_C.set_gemm_tile, _C.set_gemm_splits; only 64x64 tiles and the decode kernel, over a cluster, split) and with the automatic choice,
+(_C.set_gemm_tile, _C.set_gemm_splits; only 64x64 tiles, and over a cluster the decode kernel and
+the 128-token wgmma tiles, split) and with the automatic choice,
 against bf16 nn.Linear. Each tile column shows its fastest split count as time/splits. Timed as linear_speed.py times (CUDA graphs, weights replicated past
 the L2 so they come from DRAM as in a real model). A tuning aid for the tile rule in
 kernels/src/int_gemm.cu; benchmarks/linear_speed.py is the benchmark of record.
@@ -70,7 +71,7 @@ def main():
                     t_bf16 = time_graph(theirs, x, args.repeats, 2.0)[0]
                     t = {}
                     for tile in tiles:  # the switches are read when a graph is captured
-                        for splits in split_counts if tile in ("64x64", "gemv", "gemv-direct") else [1]:  # the ones that split
+                        for splits in split_counts if tile in ("64x64", "gemv", "gemv-direct", "wgmma128") else [1]:  # the ones that split
                             dq._C.set_gemm_tile(tile)
                             dq._C.set_gemm_splits(splits)
                             t[tile, splits] = time_graph(ours, x, args.repeats, 2.0)[0]

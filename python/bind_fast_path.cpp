@@ -25,10 +25,13 @@ void bind_fast_path(py::module_& m) {
   m.def("last_gemm_tile", &duquant::last_gemm_tile,
         "The tile shape the last W4A8/W8A8 fast-path forward launched, as set_gemm_tile names them (never "
         "\"auto\"): what a forced choice really ran. \"\" before the first; CUDA graph replays do not count.");
+  m.def("last_gemm_splits", &duquant::last_gemm_splits,
+        "How many CTAs shared each output tile's k range in that launch (1: none; 0 before the first).");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
-        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles, and the decode "
-        "kernel, \"gemv\", over a cluster of at most 8 on Hopper), process-wide: 0 (default) picks by size, "
-        "1..64 forces that many (at most one per pipeline stage, or per warp's k chunk for gemv).");
+        "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles; the decode "
+        "kernel, \"gemv\", and \"wgmma128\" over a cluster of at most 8 on Hopper, wgmma128 a power of two), "
+        "process-wide: 0 (default) picks by size, 1..64 forces that many (at most one per pipeline stage, or "
+        "per warp's k chunk for gemv).");
   m.def("gemm_splits", &duquant::gemm_splits, "The split-k count set by set_gemm_splits (0: by size).");
   m.def(
       "fast_path_blocker",

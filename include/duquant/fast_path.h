@@ -54,14 +54,17 @@ std::string gemm_tile();
 // set_gemm_tile names them but never "auto": what a forced choice really ran, since one that cannot
 // run falls back to picking by size. "" before the first. CUDA graph replays launch nothing here.
 std::string last_gemm_tile();
+// How many CTAs shared each output tile's k range in that launch (1: no split; 0 before the first).
+int64_t last_gemm_splits();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
 // (compute capability 9.0) can run it.
 bool wgmma_gemm_available();
 
 // How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (split-k on 64x64 tiles;
-// on the skinny kernel a cluster of at most 8, Hopper only; the others ignore it), process-wide,
-// for tests and benchmarks: 0 (the default) picks by size, 1..64 forces that many (at most one per
-// pipeline stage of k). Anything else throws.
+// on the skinny kernel and the 128-token wgmma tiles a cluster of at most 8, Hopper only, the
+// wgmma tiles' a power of two: 3 runs as 2; the others ignore it), process-wide, for tests and
+// benchmarks: 0 (the default) picks by size, 1..64 forces that many (at most one per pipeline stage
+// of k). Anything else throws.
 void set_gemm_splits(int64_t splits);
 int gemm_splits();
 

@@ -190,6 +190,8 @@ struct Epilogue {
   float* r;
   __device__ explicit Epilogue(unsigned char* operands)
       : st(reinterpret_cast<float*>(operands)), sn(st + BM), bias(sn + BN), r(bias + BN) {}
+  // A view of another tile's operands (a run of its rows: st points at the first).
+  __device__ Epilogue(float* st_, float* sn_, float* bias_, float* r_) : st(st_), sn(sn_), bias(bias_), r(r_) {}
 };
 
 template <int BM, int BN, int THREADS>
@@ -354,8 +356,9 @@ __device__ __forceinline__ bool split_k_gather(const SplitK& sk, int* tile_i) {
 // int_gemm_wgmma.cu: the large-M kernel on Hopper's warpgroup MMA, in builds with sm_90a code
 // (DUQUANT_KERNELS_WGMMA). Usable on compute capability 9.0 with int4 weights.
 bool wgmma_gemm_usable(const IntGemmParams& p);
-// Output tiles of `tokens` (128 or 256) x 128 outputs.
-cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, cudaStream_t stream);
+// Output tiles of `tokens` (128 or 256) x 128 outputs; 128-token tiles may split k over a cluster of
+// `splits` (2, 4 or 8) CTAs.
+cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, int splits, cudaStream_t stream);
 
 // int_gemv.cu: the skinny kernel (M <= 64, int4 weights, K a multiple of 128; direct codes: M <=
 // 16). gemv_parts: the CTAs of a cluster that share each k range: `forced` (> 0) as far as the

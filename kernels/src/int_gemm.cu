@@ -215,6 +215,31 @@ TileGeometry geometry(GemmTile tile, const IntGemmParams& p) {
   }
 }
 
+constexpr int64_t kMaxWgmmaSplits = 8;  // a portable cluster
+
+// CTAs a cluster of the wgmma kernel's 128-token tiles splits k over, by size: as many as keep
+// the CTAs to half the SMs (up to 8), and 2 where the tiles alone reach a wave of at most half the
+// SMs. Measured on an H200 (benchmarks/results/gemm_tiles_wgmma_split_h200.txt, layer us): with
+// 2-8 tiles 8 (2048->256 at M = 512 23.8 -> 16.5), 16 tiles 4 (16384->2048 at M = 64 78.9 ->
+// 37.8; 8: 43.4), 32 tiles 2 (2048->2048 at M = 256 22.2 -> 18.1; 4: 23.0), 64 tiles 2
+// (4096->1024 at M = 1024 50.4 -> 43.8), 128 tiles none (2048->2048 at M = 1024 28.0; 2: 34.5).
+int64_t wgmma_auto_splits(const IntGemmParams& p, int64_t tiles) {
+  int64_t splits = 1;
+  while (2 * splits <= kMaxWgmmaSplits && 2 * splits * tiles <= p.num_sms / 2) splits *= 2;
+  if (splits == 1 && 2 * tiles <= p.num_sms) splits = 2;
+  return splits;
+}
+
+// Where the wgmma kernel (Hopper, int4 weights) beats the mma.sync tiles and the decode kernel,
+// measured on an H200 (gemm_tiles_wgmma_split_h200.txt): past M = 64 with its k split, except on
+// narrow layers (N <= 256) up to M = 256 or with short rows (1024->256 at M = 1024: 16.0 against
+// 14.9 for 32x32 tiles); past M = 32 on long rows or wide layers (16384->2048 at M = 64: 37.8
+// against 46.8 for split-k 64x64; 2048->16384: 19.7 against 23.8).
+bool wgmma_wins(const IntGemmParams& p) {
+  if (p.m > 32 && (p.k >= 8192 || p.n >= 8192)) return true;
+  return p.m > 64 && (p.n > 256 || (p.m > 256 && p.k >= 2048));
+}
+
 // The tile shape kAuto runs for these sizes.
 GemmTile auto_tile(const IntGemmParams& p) {
   auto ctas = [&](int64_t bm, int64_t bn) { return ((p.m + bm - 1) / bm) * ((p.n + bn - 1) / bn); };
@@ -289,16 +314,13 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
               : gemv_wins               ? GemmTile::kGemv
               : long_rows               ? GemmTile::kTile64
                                         : auto_tile(p);
-  // Hopper, int4 weights, past M = 128: the wgmma kernel, 256-token tiles where they give nearly
-  // every SM one, else 128-token tiles where those reach a fifth of the SMs, long rows included
-  // (benchmarks/results/gemm_tiles_wgmma_h200.txt, H200, layer us: 2048->16384 at M = 4096 410
-  // against 1151 for 64x64 mma.sync tiles; with 32 of them, 2048->2048 at M = 256 22.1 against
-  // 24.4 for 32x32 and 16384->2048 at M = 256 108.9 against 122.9 for split-k 64x64; with 16,
-  // 2048->256 at M = 1024, 27.0 against 21.4 for 32x32).
-  if (forced == GemmTile::kAuto && p.m > 128 && wgmma_ok) {
-    auto tiles = [&](GemmTile t) { return tiles_of(geometry(t, p)); };
-    if (8 * tiles(GemmTile::kWgmma256) >= 7 * p.num_sms) plan.tile = GemmTile::kWgmma256;
-    else if (5 * tiles(GemmTile::kWgmma128) >= p.num_sms) plan.tile = GemmTile::kWgmma128;
+  // Hopper, int4 weights, where it wins (wgmma_wins): the wgmma kernel, past M = 128 with 256-token
+  // tiles where they give nearly every SM one (benchmarks/results/gemm_tiles_wgmma_h200.txt, H200,
+  // 2048->16384 at M = 4096 410 us against 1151 for 64x64 mma.sync tiles), else with 128-token
+  // tiles, k split over a cluster where they are few (wgmma_auto_splits).
+  if (forced == GemmTile::kAuto && wgmma_ok && wgmma_wins(p)) {
+    plan.tile = p.m > 128 && 8 * tiles_of(geometry(GemmTile::kWgmma256, p)) >= 7 * p.num_sms ? GemmTile::kWgmma256
+                                                                                              : GemmTile::kWgmma128;
   }
   if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect) {  // a cluster shares the k range
     plan.splits = gemv_parts(p, plan.tile == GemmTile::kGemvDirect, p.splits);
@@ -307,6 +329,17 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
   const TileGeometry g = geometry(plan.tile, p);
   const int64_t tiles = tiles_of(g);
   const int64_t stages = (p.k + g.ks - 1) / g.ks;
+  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {
+    // 128-token tiles split k over a cluster (2, 4 or 8 CTAs, none without stages); no workspace.
+    int splits = 1;
+    if (plan.tile == GemmTile::kWgmma128) {
+      const int64_t want = p.splits > 0 ? p.splits : wgmma_auto_splits(p, tiles);
+      while (2 * splits <= std::min<int64_t>({want, stages, kMaxWgmmaSplits})) splits *= 2;
+    }
+    plan.splits = splits;
+    plan.stages_per_split = static_cast<int>((stages + splits - 1) / splits);
+    return plan;
+  }
   // Only 64x64 tiles have a split-k variant; by size they split for long rows alone.
   const int64_t want = plan.tile != GemmTile::kTile64 ? 1
                        : p.splits > 0                ? p.splits
@@ -342,13 +375,13 @@ cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect)  // its split needs no workspace
     return int_gemv(p, plan.tile == GemmTile::kGemvDirect, plan.splits, stream);
-  if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
 #ifdef DUQUANT_KERNELS_WGMMA
-  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {
+  if (plan.tile == GemmTile::kWgmma128 || plan.tile == GemmTile::kWgmma256) {  // its split needs no workspace
     if (!wgmma_usable(p)) return cudaErrorInvalidValue;  // a plan made for other weights or another device
-    return int_gemm_wgmma(p, plan.tile == GemmTile::kWgmma256 ? 256 : 128, stream);
+    return int_gemm_wgmma(p, plan.tile == GemmTile::kWgmma256 ? 256 : 128, plan.splits, stream);
   }
 #endif
+  if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
   return p.wbits <= 4 ? dispatch<4>(p, plan, stream) : dispatch<8>(p, plan, stream);
 }
 

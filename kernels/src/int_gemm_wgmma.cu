@@ -1,4 +1,4 @@
-// The W4A8 GEMM for large M on Hopper's warpgroup MMA (wgmma, sm_90a only: this file is compiled
+// The W4A8 GEMM past M = 64 on Hopper's warpgroup MMA (wgmma, sm_90a only: this file is compiled
 // for that architecture alone, kernels/CMakeLists.txt). Same contract and epilogue as int_gemm.cu's
 // mma.sync kernels (y'' = s_t s_n acc, the output block restore, bias, cast); only int4 weights.
 //
@@ -14,6 +14,8 @@
 //   swizzled K-major layout the TMA writes.
 // - Stage s's registers are refilled only after stage s-1's MMAs retire (wgmma.wait_group 1), and
 //   while stage s's run; a stage's slot goes back to the producer the same way (an mbarrier).
+// - Where the 128-token tiles are few, a cluster of 2-8 CTAs splits the k range and sums the
+//   partial tiles through distributed shared memory (16384->2048 at M = 256: 108 -> 83 us).
 // H200 (benchmarks/results/gemm_tiles_wgmma_h200.txt): 2048->16384 at M = 4096 in 410 us for
 // the layer (the first version: 684). A variant without the producer warpgroup, its 128-token
 // tiles two CTAs an SM so that one's epilogue overlaps the other's MMAs, measured no faster
@@ -102,6 +104,25 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 __device__ __forceinline__ void producer_registers() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
 __device__ __forceinline__ void consumer_registers() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
 __device__ __forceinline__ void named_sync_consumers() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
+// Split-k over a cluster (along grid z): the CTAs' partial tiles meet in distributed shared memory.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
+// 16 bytes at shared-memory address `addr` of cluster CTA `rank` (addr as this CTA would use it).
+__device__ __forceinline__ int4 ld_cluster_v4(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  int4 v;
+  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -134,7 +155,10 @@ __device__ __forceinline__ void wgmma_rs_k32(int (&d)[128], const uint32_t (&a)[
 }
 #endif
 
-template <int TN>
+// SPLIT > 1: a cluster of SPLIT CTAs along grid z shares the output tile, each multiplying a run
+// of k stages; their integer partial tiles are summed through distributed shared memory, each CTA
+// adding up and finishing TN / SPLIT of the tile's tokens (exact: outputs equal the unsplit ones).
+template <int TN, int SPLIT>
 __global__ void __launch_bounds__(kThreads, 1)
     int_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                           IntGemmParams p) {
@@ -147,7 +171,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFeat;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * TN;
-  const int num_stages = static_cast<int>((p.k + kKs - 1) / kKs);
+  // This CTA's k stages: [s0, s0 + num_stages), all of them unless split; split evenly, so that
+  // every CTA has at least one (the launch asks for no more CTAs than stages).
+  const int all_stages = static_cast<int>((p.k + kKs - 1) / kKs);
+  const int rank = SPLIT > 1 ? static_cast<int>(cluster_rank()) : 0;
+  const int s0 = rank * all_stages / SPLIT;
+  const int num_stages = (rank + 1) * all_stages / SPLIT - s0;
   const uint32_t bars = smem_addr(smem + T::kBarOffset);
   auto full = [&](int slot) { return bars + 8 * slot; };              // the producer's copies landed
   auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };  // the consumers' 8 warps are done
@@ -169,19 +198,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int first = num_stages < kStages ? num_stages : kStages;
       for (int s = 0; s < first; ++s) {
         mbar_expect_tx(full(s), T::kActBytes + T::kWBytes);
-        tma_load(w0 + s * T::kWBytes, &w_map, s * kWRow, static_cast<int>(n0), full(s));
+        tma_load(w0 + s * T::kWBytes, &w_map, (s0 + s) * kWRow, static_cast<int>(n0), full(s));
       }
       pdl_wait();
-      for (int s = 0; s < first; ++s) tma_load(act0 + s * T::kActBytes, &act_map, s * kKs, static_cast<int>(m0), full(s));
+      for (int s = 0; s < first; ++s)
+        tma_load(act0 + s * T::kActBytes, &act_map, (s0 + s) * kKs, static_cast<int>(m0), full(s));
       for (int s = kStages; s < num_stages; ++s) {
         const int slot = s % kStages;
         mbar_wait(empty(slot), ((s / kStages) - 1) & 1);
         mbar_expect_tx(full(slot), T::kActBytes + T::kWBytes);
-        tma_load(w0 + slot * T::kWBytes, &w_map, s * kWRow, static_cast<int>(n0), full(slot));
-        tma_load(act0 + slot * T::kActBytes, &act_map, s * kKs, static_cast<int>(m0), full(slot));
+        tma_load(w0 + slot * T::kWBytes, &w_map, (s0 + s) * kWRow, static_cast<int>(n0), full(slot));
+        tma_load(act0 + slot * T::kActBytes, &act_map, (s0 + s) * kKs, static_cast<int>(m0), full(slot));
       }
     }
     pdl_trigger();
+    if constexpr (SPLIT > 1) {  // every thread of the cluster takes part in its two barriers
+      cluster_arrive();
+      cluster_wait();
+      cluster_arrive();
+      cluster_wait();
+    }
     return;
   }
 
@@ -253,15 +289,56 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Accumulator layout of m64nTN: warp wq holds rows (outputs) 16wq + g and 16wq + g + 8, columns
   // (tokens) 8j + 2t and 8j + 2t + 1 of each n8 block j. The tile is [token][output].
   float* tile_f = reinterpret_cast<float*>(smem);
+  if constexpr (SPLIT == 1) {
 #pragma unroll
-  for (int j = 0; j < TN / 8; ++j)
+    for (int j = 0; j < TN / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
-      tile_f[tok * Epi::kStride + f] = static_cast<float>(acc[4 * j + e] >> 4) * ep.st[tok] * ep.sn[f];
+      for (int e = 0; e < 4; ++e) {
+        const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
+        tile_f[tok * Epi::kStride + f] = static_cast<float>(acc[4 * j + e] >> 4) * ep.st[tok] * ep.sn[f];
+      }
+    named_sync_consumers();
+    restore_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
+  } else {
+    // The partial sums (each a multiple of 16: shifted exactly), then the cluster's meeting point.
+    int* tile_i = reinterpret_cast<int*>(smem);
+#pragma unroll
+    for (int j = 0; j < TN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
+        tile_i[tok * Epi::kStride + f] = acc[4 * j + e] >> 4;
+      }
+    cluster_arrive();
+    cluster_wait();
+    // This CTA's TN / SPLIT tokens: every CTA's partials added (integers: any order is exact),
+    // scaled into this CTA's tile in place (the others read only their own tokens' rows of it).
+    constexpr int kRows = TN / SPLIT;
+    const int r0 = rank * kRows;
+    const uint32_t base = smem_addr(tile_i);
+    for (int it = tid; it < kRows * (kFeat / 4); it += kConsumers) {
+      const int tok = r0 + it / (kFeat / 4), f = (it % (kFeat / 4)) * 4;
+      const int at = tok * Epi::kStride + f;
+      int4 sum = make_int4(0, 0, 0, 0);
+#pragma unroll
+      for (int q = 0; q < SPLIT; ++q) {
+        const int4 v = ld_cluster_v4(base + 4 * at, q);
+        sum.x += v.x;
+        sum.y += v.y;
+        sum.z += v.z;
+        sum.w += v.w;
+      }
+      const float st = ep.st[tok];
+      *reinterpret_cast<float4*>(tile_f + at) =
+          make_float4(static_cast<float>(sum.x) * st * ep.sn[f], static_cast<float>(sum.y) * st * ep.sn[f + 1],
+                      static_cast<float>(sum.z) * st * ep.sn[f + 2], static_cast<float>(sum.w) * st * ep.sn[f + 3]);
     }
-  named_sync_consumers();
-  restore_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
+    named_sync_consumers();
+    cluster_arrive();  // done reading the other CTAs' partials
+    const Epilogue<kRows, kFeat> mine(ep.st + r0, ep.sn, ep.bias, ep.r);
+    restore_bias_store<kRows, kFeat, kConsumers>(p, m0 + r0, n0, tile_f + r0 * Epi::kStride, mine);
+    cluster_wait();  // and they with this one's: its shared memory may go
+  }
 #else
   __trap();  // never launched: wgmma_gemm_usable() is false without sm_90a code
 #endif
@@ -323,21 +400,30 @@ bool wgmma_gemm_usable(const IntGemmParams& p) {
   return usable[dev] > 0;
 }
 
-template <int TN>
+template <int TN, int SPLIT>
 cudaError_t launch_wgmma(const IntGemmParams& p, cudaStream_t stream) {
-  constexpr auto kernel = int_gemm_wgmma_kernel<TN>;
+  constexpr auto kernel = int_gemm_wgmma_kernel<TN, SPLIT>;
   constexpr int smem = WgTile<TN>::kSmemBytes;
   CUtensorMap act_map, w_map;
   if (!byte_matrix_map(&act_map, p.a, p.m, p.k, p.a_stride, TN, kKs, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !byte_matrix_map(&w_map, p.w, p.n, p.k / 2, p.k / 2, kFeat, kWRow, CU_TENSOR_MAP_SWIZZLE_64B))
     return cudaErrorInvalidValue;
   if (cudaError_t e = allow_dynamic_smem<kernel>(smem); e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((p.n + kFeat - 1) / kFeat), static_cast<unsigned>((p.m + TN - 1) / TN));
-  return launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p.chain, act_map, w_map, p);
+  const dim3 grid(static_cast<unsigned>((p.n + kFeat - 1) / kFeat), static_cast<unsigned>((p.m + TN - 1) / TN), SPLIT);
+  return launch_kernel_clustered(kernel, grid, dim3(kThreads), smem, stream, p.chain, dim3(1, 1, SPLIT), act_map,
+                                 w_map, p);
 }
 
-cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, cudaStream_t stream) {
-  return tokens == 256 ? launch_wgmma<256>(p, stream) : launch_wgmma<128>(p, stream);
+cudaError_t int_gemm_wgmma(const IntGemmParams& p, int tokens, int splits, cudaStream_t stream) {
+  if (splits > (p.k + kKs - 1) / kKs) return cudaErrorInvalidValue;  // a CTA without k stages would hang
+  if (tokens == 256) return splits == 1 ? launch_wgmma<256, 1>(p, stream) : cudaErrorInvalidValue;
+  switch (splits) {
+    case 1: return launch_wgmma<128, 1>(p, stream);
+    case 2: return launch_wgmma<128, 2>(p, stream);
+    case 4: return launch_wgmma<128, 4>(p, stream);
+    case 8: return launch_wgmma<128, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace gemm

@@ -48,6 +48,7 @@ KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "1
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
+std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
 
 }  // namespace
 
@@ -58,7 +59,11 @@ int input_kernel_index() { return g_input_kernel.index(); }
 void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }
 std::string gemm_tile() { return g_gemm_tile.name(); }
 int gemm_tile_index() { return g_gemm_tile.index(); }
-void note_gemm_tile_launched(int tile) { g_last_gemm_tile = tile; }
+void note_gemm_tile_launched(int tile, int splits) {
+  g_last_gemm_tile = tile;
+  g_last_gemm_splits = splits;
+}
+int64_t last_gemm_splits() { return g_last_gemm_splits.load(); }
 std::string last_gemm_tile() {
   const int t = g_last_gemm_tile.load();
   return t < 0 ? std::string() : g_gemm_tile.name_of(t);

@@ -166,7 +166,7 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain
                    weight_only ? 0 : cfg.abits, codes, scales, ctx, xt, static_cast<int*>(p.workspace),
                    plan.counters);
   check(weight_only ? kernels::wo_gemm(p, ctx.stream) : kernels::int_gemm(p, plan, ctx.stream), "GEMM launch");
-  if (!weight_only) note_gemm_tile_launched(static_cast<int>(plan.tile));
+  if (!weight_only) note_gemm_tile_launched(static_cast<int>(plan.tile), plan.splits);
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;

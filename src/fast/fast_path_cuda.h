@@ -14,8 +14,9 @@ namespace duquant {
 int input_kernel_index();
 // set_gemm_tile()'s choice as a kernels::GemmTile value.
 int gemm_tile_index();
-// Records the kernels::GemmTile an integer GEMM launch ran (last_gemm_tile()).
-void note_gemm_tile_launched(int tile);
+// Records the kernels::GemmTile an integer GEMM launch ran and its split count (last_gemm_tile(),
+// last_gemm_splits()).
+void note_gemm_tile_launched(int tile, int splits);
 
 namespace cuda_fast {
 

@@ -187,21 +187,31 @@ def test_forced_tile_that_cannot_run_picks_by_size(tile, cfg, m, forced_gemm):
     assert dq._C.last_gemm_tile() == by_size
 
 
-@pytest.mark.parametrize("k,n,m,picks_wgmma", [(16384, 2048, 256, True), (2048, 256, 1024, False)],
-                         ids=["long-rows-32-tiles", "narrow-16-tiles"])
-def test_auto_runs_wgmma_where_its_tiles_reach_a_fifth_of_the_sms(k, n, m, picks_wgmma):
-    """int_gemm_plan's rule on Hopper (H100/H200: 114-132 SMs): 128-token wgmma tiles once they number
-    a fifth of the SMs (32 here), long rows included; with 16 the mma.sync tiles."""
+@pytest.mark.parametrize("k,n,m,picks_wgmma", [
+    (16384, 2048, 256, True), (2048, 256, 1024, True), (16384, 2048, 64, True), (2048, 16384, 33, True),
+    (1024, 2048, 512, True), (2048, 2048, 129, True), (2048, 2048, 64, False), (1024, 256, 1024, False),
+    (2048, 256, 256, False), (16384, 2048, 32, False),
+], ids=["long-rows-m256", "narrow-m1024", "long-rows-m64", "wide-m33", "64-tiles", "m129", "m64", "narrow-short-rows",
+        "narrow-m256", "long-rows-m32"])
+def test_auto_runs_wgmma_where_it_wins(k, n, m, picks_wgmma):
+    """int_gemm_plan's rule on Hopper: the 128-token wgmma tiles past M = 64 (past 32 on long rows or
+    wide layers), not on narrow layers (N = 256) up to M = 256 or with K < 2048; their k split over a
+    cluster of as many CTAs as keep them to half the SMs, at most 8, and 2 where the tiles alone fill
+    at most half (wgmma_auto_splits)."""
     if not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
-    assert dq._C.gemm_tile() == "auto"
+    assert dq._C.gemm_tile() == "auto" and dq._C.gemm_splits() == 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = (n // 128) * (m // 128)
-    assert (5 * tiles >= sms) == picks_wgmma, f"{sms} SMs: this case does not test the rule here"
+    tiles = ((n + 127) // 128) * ((m + 127) // 128)
+    splits = 1
+    while 2 * splits <= min(8, (k + 127) // 128) and 2 * splits * tiles <= sms // 2:
+        splits *= 2
+    if splits == 1 and 2 * tiles <= sms:
+        splits = 2
     layer = dq.DuQuantLinear.from_linear(nn.Linear(k, n, bias=False), dq.Config()).cuda()
     layer(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    ran = dq._C.last_gemm_tile()
-    assert (ran == "wgmma128") if picks_wgmma else not ran.startswith("wgmma"), ran
+    ran = (dq._C.last_gemm_tile(), dq._C.last_gemm_splits())
+    assert ran == ("wgmma128", splits) if picks_wgmma else not ran[0].startswith("wgmma"), ran
 
 
 @pytest.fixture
@@ -226,6 +236,32 @@ def test_split_k_matches_float64(cfg, m, n, k, tile, splits, forced_gemm, input_
     again for the next call (checked by running twice), which each input kernel does."""
     forced_gemm(tile, splits)
     y = check_gemm_against_float64(cfg, m, n, k, True)
+    assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
+
+
+@pytest.mark.parametrize("splits", [2, 3, 4, 8, 64])
+@pytest.mark.parametrize("cfg,m,n,k", [
+    (dict(), 300, 1000, 2048), (dict(block_out=8), 200, 520, 1056), (dict(block_size=8, block_out=2), 131, 130, 1024),
+    (dict(block_size=32, block_out=32), 64, 136, 640), (dict(wbits=3, abits=4), 7, 200, 1024), (dict(), 20, 96, 96),
+], ids=["w4a8", "bo8-uneven-stages", "bo2-scalar-restore", "bo32-five-stages", "w3a4-m7", "one-stage"])
+def test_wgmma_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm):
+    """The 128-token wgmma tiles with k split over a cluster (Hopper): each CTA multiplies a run of
+    k stages, the partial tiles meet in distributed shared memory and each CTA finishes a share of
+    the tokens. A power of two of CTAs, at most 8 and one per k stage of 128 (3 runs as 2, 64 as 8,
+    K = 640 on at most 4): what ran is checked, and its output equals the unsplit kernel's bit for
+    bit (integer sums, same epilogue). Twice, so nothing depends on state a first call left."""
+    if not dq._C.wgmma_gemm_available():
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
+    forced_gemm("wgmma128", 1)
+    unsplit = check_gemm_against_float64(cfg, m, n, k, True)
+    assert (dq._C.last_gemm_tile(), dq._C.last_gemm_splits()) == ("wgmma128", 1)
+    forced_gemm("wgmma128", splits)
+    y = check_gemm_against_float64(cfg, m, n, k, True)
+    expected = 1
+    while 2 * expected <= min(splits, (k + 127) // 128, 8):
+        expected *= 2
+    assert (dq._C.last_gemm_tile(), dq._C.last_gemm_splits()) == ("wgmma128", expected)
+    assert torch.equal(y, unsplit), "the split and unsplit wgmma kernels differ"
     assert torch.equal(y, check_gemm_against_float64(cfg, m, n, k, True)), "a second call differs"
 
 
