@@ -5,6 +5,7 @@ whole layer (input + GEMM) and bf16 nn.Linear, per shape and token count. CUDA g
 back-to-back calls, median of `--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
 
     PYTHONPATH=build/python python3 benchmarks/fast_path_breakdown.py [--m 1,16,256,4096]
+        [--input-splits 1,2,4,8]   (instead: the tensor-core input kernel with each cluster size forced)
 """
 import argparse
 import statistics
@@ -48,9 +49,14 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--input-splits", default="",
+                    help="time only the tensor-core input kernel, with these cluster sizes forced (comma-separated)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
+        return
+    if args.input_splits:
+        input_split_table(args, [int(v) for v in args.input_splits.split(",")])
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, wbits={args.wbits}")
     print(f"{'K->N':>12} {'M':>5} {'in:rows':>8} {'in:split':>8} {'in:mma':>8} {'input':>8} {'layer':>8} {'gemm~':>8} "
@@ -72,6 +78,31 @@ def main():
                 t_bf16 = graph_time_us(lambda: lin_bf16(x), args.calls, args.repeats)
             print(f"{k:>5}->{n:<6} {m:>5} {t_in['rows']:>8.1f} {t_in['split']:>8.1f} {t_in['mma']:>8.1f} {t_in['auto']:>8.1f} "
                   f"{t_layer:>8.1f} {t_layer - t_in['auto']:>8.1f} {t_bf16:>8.1f} {t_bf16 / t_layer:>10.2f}", flush=True)
+
+
+def input_split_table(args, splits):
+    """in:mma µs per call with each cluster size forced (_C.set_input_splits), against the size's own pick."""
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; the tensor-core input kernel (in:mma), "
+          f"µs per call, cluster size forced; auto = its own pick")
+    print(f"{'K':>6} {'M':>5} " + " ".join(f"{'split ' + str(s):>8}" for s in splits) + f" {'auto':>8}")
+    shapes = dict.fromkeys(k for k, _ in SHAPES)
+    try:
+        dq._C.set_input_kernel("mma")
+        for k in shapes:
+            layer = dq.DuQuantLinear.from_linear(torch.nn.Linear(k, 256, bias=False), dq.Config()).cuda()
+            for m in [int(v) for v in args.m.split(",")]:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                t = []
+                with torch.no_grad():
+                    for s in splits + [0]:  # the switch is read when a graph is captured
+                        dq._C.set_input_splits(s)
+                        t.append(graph_time_us(
+                            lambda: torch.ops.duquant.quantize_input(x, layer.perm, layer.r_in, None, 8),
+                            args.calls, args.repeats))
+                print(f"{k:>6} {m:>5} " + " ".join(f"{v:>8.1f}" for v in t), flush=True)
+    finally:
+        dq._C.set_input_kernel("auto")
+        dq._C.set_input_splits(0)
 
 
 if __name__ == "__main__":

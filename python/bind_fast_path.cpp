@@ -13,6 +13,11 @@ void bind_fast_path(py::module_& m) {
         "(the rotation on tensor cores, for float16/bfloat16 inputs, block size 16 and int8 codes; elsewhere "
         "\"auto\").");
   m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
+  m.def("set_input_splits", &duquant::set_input_splits, py::arg("splits"),
+        "How many CTAs of a cluster share each 16-token group in the tensor-core input kernel (\"mma\", "
+        "Hopper), process-wide: 0 (default) picks by size, 1..8 forces that many (at most one block of "
+        "positions per warp a CTA).");
+  m.def("input_splits", &duquant::input_splits, "The input split count set by set_input_splits (0: by size).");
   m.def("set_gemm_tile", &duquant::set_gemm_tile, py::arg("which"),
         "Which GEMM tile shape the fast path runs, process-wide: \"auto\" (default), \"stream\" (16 tokens "
         "per CTA, k split over 8 warps), \"32x32\", \"64x64\", \"128x128\", \"wgmma128\" or \"wgmma256\" "

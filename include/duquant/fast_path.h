@@ -38,6 +38,11 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
 // two passes always). Anything else throws.
 void set_input_kernel(const std::string& which);
 std::string input_kernel();
+// How many CTAs of a cluster share each 16-token group's blocks in the tensor-core input kernel
+// ("mma", Hopper), process-wide, for tests and benchmarks: 0 (the default) picks by size, 1..8
+// forces that many (at most one block of positions per warp a CTA). Anything else throws.
+void set_input_splits(int64_t splits);
+int input_splits();
 
 // Which GEMM tile shape the fast path runs, process-wide, for comparing them in tests and
 // benchmarks: "auto" (the default: picked by M, N and the GPU's SM count), "stream" (16 tokens x

@@ -387,8 +387,8 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   // stages the whole rows).
   const int64_t groups = (p.m + tokens - 1) / tokens;
   int split = 1;
-  if (dev.clusters && groups < p.num_sms) {
-    const int64_t want = (p.num_sms + groups - 1) / groups;
+  if (dev.clusters && (p.splits > 0 || groups < p.num_sms)) {
+    const int64_t want = p.splits > 0 ? p.splits : (p.num_sms + groups - 1) / groups;
     const int64_t most = std::max<int64_t>(1, nb / kMmaWarps);
     split = static_cast<int>(std::min<int64_t>({want, most, kMaxMmaCluster}));
   }

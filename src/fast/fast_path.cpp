@@ -47,6 +47,7 @@ KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"})
 KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
+std::atomic<int> g_input_splits{0};
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
 
@@ -54,6 +55,11 @@ std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output
 
 void set_input_kernel(const std::string& which) { g_input_kernel.set(which); }
 std::string input_kernel() { return g_input_kernel.name(); }
+void set_input_splits(int64_t splits) {
+  TORCH_CHECK(splits >= 0 && splits <= 8, "input splits must be 0 (picked by size) or 1..8, got ", splits);
+  g_input_splits = static_cast<int>(splits);
+}
+int input_splits() { return g_input_splits.load(); }
 int input_kernel_index() { return g_input_kernel.index(); }
 
 void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }

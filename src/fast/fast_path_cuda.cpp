@@ -80,6 +80,7 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
   }
   p.chain = ctx.chain;
   p.kernel = static_cast<kernels::InputKernel>(input_kernel_index());
+  p.splits = input_splits();
   p.clear = clear;
   p.clear_count = clear_count;
   p.num_sms = ctx.num_sms;

@@ -109,6 +109,26 @@ def restore64(y, r_out):
     (4500, 1000, 16, False), (4500, 1024, 16, False),  # the tensor-core kernel's 32 tokens per CTA
 ])
 def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
+    check_input_codes(dtype, m, k, block, static)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("m,k", [(33, 2048), (300, 4096), (17, 1024), (5000, 2048)])
+def test_input_codes_with_forced_cluster_split(dtype, m, k, splits):
+    """The tensor-core input kernel with each token group's blocks over a forced cluster of CTAs
+    (Hopper; one CTA elsewhere), also where its size would pick none (M = 5000) or another count."""
+    dq._C.set_input_kernel("mma")
+    dq._C.set_input_splits(splits)
+    try:
+        check_input_codes(dtype, m, k, 16, False)
+    finally:
+        dq._C.set_input_kernel("auto")
+        dq._C.set_input_splits(0)
+
+
+def check_input_codes(dtype, m, k, block, static):
+    """The CUDA input kernels' codes and scales against the reference's, outputs poisoned two ways."""
     x = outlier_input(m, k, dtype, seed=m + k)
     perm = torch.randperm(k)
     r_in = torch.linalg.qr(torch.randn((k + block - 1) // block, block, block, dtype=torch.float64))[0].float()

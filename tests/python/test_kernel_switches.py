@@ -55,9 +55,22 @@ def test_gemm_splits_round_trip_and_range():
         dq._C.set_gemm_splits(0)
 
 
+def test_input_splits_round_trip_and_range():
+    assert dq._C.input_splits() == 0
+    try:
+        dq._C.set_input_splits(8)
+        assert dq._C.input_splits() == 8
+        for bad in (-1, 9):
+            with pytest.raises(RuntimeError, match=r"input splits must be 0 \(picked by size\) or 1\.\.8, got " + str(bad)):
+                dq._C.set_input_splits(bad)
+        assert dq._C.input_splits() == 8
+    finally:
+        dq._C.set_input_splits(0)
+
+
 def test_last_gemm_tile_is_empty_before_any_forward():
     """In a fresh process nothing has launched a GEMM yet (test_fast_path.py checks what it names
     after a forward)."""
-    out = subprocess.run([sys.executable, "-c", "import duquant_ext as dq; print(repr(dq._C.last_gemm_tile()))"],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "''", out.stdout + out.stderr
+    code = "import duquant_ext as dq; print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "('', 0)", out.stdout + out.stderr

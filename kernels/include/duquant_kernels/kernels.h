@@ -44,6 +44,7 @@ struct ActQuantParams {
   // kernel at M <= 64 (launch.cuh)
   bool chain = false;
   InputKernel kernel = InputKernel::kAuto;
+  int splits = 0;                   // the tensor-core kernel's CTAs per token group (Hopper); 0 = by size
   int num_sms = 132;                // for picking tokens per CTA
   // Ints the GEMM launched after these kernels needs zeroed (its split-k counters, IntGemmPlan);
   // cleared once the input is ready to read.
