@@ -203,10 +203,11 @@ bool act_quant_supported(int block) { return block >= 1 && block <= kThreads; }
 // up to ~6900 16-bit values). Measured on an H200 (benchmarks/fast_path_breakdown.py): below that
 // the row kernel's single pass is quicker (K = 1024, M = 256: 5.1 us against 7.6); past it the
 // float32 kernels lose (K = 2048, M = 4096: 45 us against 25; K = 4096: 130 against 60). Longer rows
-// leave it fewer tokens a CTA (5 at K = 16384): it wins only with several token groups per SM
-// (M = 4096: 522 us against 582) and loses below (M = 1024: 175 against 158).
+// leave it fewer tokens a CTA (5 at K = 16384): split over clusters of two it wins from a token
+// group per SM (M = 1024: 142 us against 158 for the two passes; M = 4096: 515 against 582) and
+// ties below (M = 256: 47.2 against 47.4; benchmarks/results/input_splits_h200.txt).
 constexpr int64_t kMmaMinElements = int64_t{1} << 19;
-constexpr int64_t kMmaLongRowGroupsPerSm = 4;
+constexpr int64_t kMmaLongRowGroupsPerSm = 1;
 
 // The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
 // where, measured on an H200 (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens

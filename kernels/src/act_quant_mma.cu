@@ -22,6 +22,9 @@
 // alone would take ~6 us): per block and lane a rotation pass runs ~140 instructions (SASS), most
 // of them the rotation's loads and tf32 splits and the gather addresses, for 8 values.
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "act_common.cuh"
 #include "duquant_kernels/kernels.h"
@@ -360,6 +363,50 @@ cudaError_t launch_mma_hold(const ActQuantParams& p, const MmaLaunch& l, bool ch
   return l.hold ? launch_mma<DT, kMmaHold>(p, l, chain, stream) : launch_mma<DT, 0>(p, l, chain, stream);
 }
 
+// How many clusters of `split` CTAs with `smem` bytes each Kernel runs at once; 0 where the query fails.
+template <auto Kernel>
+int query_active_clusters(int split, size_t smem) {
+  if (allow_dynamic_smem<Kernel>(device_facts().smem_optin - kStaticSmemRoom) != cudaSuccess) return 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(1, static_cast<unsigned>(split), 1);
+  config.blockDim = dim3(kMmaWarps * 32);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1;
+  attr.val.clusterDim.y = static_cast<unsigned>(split);
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, Kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// The same for the tensor-core kernel of a launch. A GPC holds whole clusters: an H200 runs 15
+// clusters of 8 or 30 of 4 at >= 114 KB a CTA, 120 of its 132 SMs. Asked once per shape of
+// launch (a host query per forward would cost).
+int max_active_clusters(DType dt, bool hold, int split, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, bool, int, size_t>, int> known;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  const auto key = std::make_tuple(dev, static_cast<int>(dt), hold, split, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  constexpr int W = kMmaWarps, H = kMmaHold;
+  const int n = dt == DType::kFloat16
+                    ? (hold ? query_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, H>>(split, smem)
+                            : query_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, 0>>(split, smem))
+                    : (hold ? query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, H>>(split, smem)
+                            : query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, 0>>(split, smem));
+  known.emplace(key, n);
+  return n;
+}
+
 }  // namespace
 
 MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
@@ -382,18 +429,29 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   if (tokens < 1) return none;
   // Fewer token groups than SMs: on Hopper a cluster shares each group's blocks of positions, at
   // least one block per warp a CTA. Where a CTA's share then fits the warps' registers, they hold
-  // it: one rotation pass (M = 1024, K = 2048: 14.1 -> 11.9 us on an H200). Splitting only to get
-  // there costs more than the pass saves (M = 4096, K = 2048: 25 -> 30 us; every CTA of a cluster
-  // stages the whole rows).
+  // it: one rotation pass (M = 1024, K = 2048: 14.1 -> 11.9 us on an H200). By size: the largest
+  // cluster of 8, 4 or 2 whose CTAs number at most the SMs and whose clusters all run at once.
+  // Measured on an H200 (benchmarks/results/input_splits_h200.txt), against the rule before (as
+  // many CTAs as reach the SM count, clusters of 3 included): K = 4096, M = 256 16.4 -> 10.5 us (16
+  // clusters of 8 made two waves), M = 1024 29.0 -> 18.6, K = 2048 M = 1024 12.2 -> 10.2. Long rows
+  // (fewer than 16 tokens a CTA) split in two at any M (K = 16384: M = 1024 172 -> 142 us, M = 4096
+  // 541 -> 515). Splitting only to fill the SMs costs more than the pass saves (M = 4096, K = 2048:
+  // 25.8 -> 30.2 us; every CTA of a cluster stages the whole rows).
   const int64_t groups = (p.m + tokens - 1) / tokens;
+  const int most = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, nb / kMmaWarps), kMaxMmaCluster));
+  auto holds = [&](int split) { return (nb + split - 1) / split <= kMmaHold * kMmaWarps; };
   int split = 1;
-  if (dev.clusters && (p.splits > 0 || groups < p.num_sms)) {
-    const int64_t want = p.splits > 0 ? p.splits : (p.num_sms + groups - 1) / groups;
-    const int64_t most = std::max<int64_t>(1, nb / kMmaWarps);
-    split = static_cast<int>(std::min<int64_t>({want, most, kMaxMmaCluster}));
+  if (dev.clusters && p.splits > 0) {
+    split = std::min(p.splits, most);
+  } else if (dev.clusters) {
+    for (int s = kMaxMmaCluster; s >= 2 && split == 1; s /= 2) {
+      if (s > most || groups * s > p.num_sms) continue;
+      const size_t bytes = mma_smem_bytes(tokens, p.k, act::dtype_bytes(p.x_dtype), (nb + s - 1) / s);
+      if (groups <= max_active_clusters(p.x_dtype, holds(s), s, bytes)) split = s;
+    }
+    if (split == 1 && tokens < kMmaTokens && most >= 2) split = 2;
   }
-  const bool hold = (nb + split - 1) / split <= int64_t{kMmaHold} * kMmaWarps;
-  return MmaLaunch{tokens, split, hold};
+  return MmaLaunch{tokens, split, holds(split)};
 }
 
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
