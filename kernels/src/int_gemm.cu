@@ -223,6 +223,10 @@ constexpr int64_t kMaxWgmmaSplits = 8;  // a portable cluster
 // 2-8 tiles 8 (2048->256 at M = 512 23.8 -> 16.5), 16 tiles 4 (16384->2048 at M = 64 78.9 ->
 // 37.8; 8: 43.4), 32 tiles 2 (2048->2048 at M = 256 22.2 -> 18.1; 4: 23.0), 64 tiles 2
 // (4096->1024 at M = 1024 50.4 -> 43.8), 128 tiles none (2048->2048 at M = 1024 28.0; 2: 34.5).
+// Where a larger cluster lost, its clusters did not all fit at once: an H200 runs 15 clusters of 8
+// or 30 of 4 of this kernel's size (16 tiles x 8, 32 x 4 make a second wave); the act_quant_mma.cu
+// rule asks cudaOccupancyMaxActiveClusters, which would pick 8 at 9-15 tiles and 4 at 17-30 (not
+// measured yet).
 int64_t wgmma_auto_splits(const IntGemmParams& p, int64_t tiles) {
   int64_t splits = 1;
   while (2 * splits <= kMaxWgmmaSplits && 2 * splits * tiles <= p.num_sms / 2) splits *= 2;
