@@ -83,7 +83,7 @@ def main():
 def input_split_table(args, splits):
     """in:mma µs per call with each cluster size forced (_C.set_input_splits), against the size's own pick."""
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; the tensor-core input kernel (in:mma), "
-          f"µs per call, cluster size forced; auto = its own pick")
+          f"µs per call, cluster size forced; auto = its own pick; /n: ran with n")
     print(f"{'K':>6} {'M':>5} " + " ".join(f"{'split ' + str(s):>8}" for s in splits) + f" {'auto':>8}")
     shapes = dict.fromkeys(k for k, _ in SHAPES)
     try:
@@ -92,14 +92,15 @@ def input_split_table(args, splits):
             layer = dq.DuQuantLinear.from_linear(torch.nn.Linear(k, 256, bias=False), dq.Config()).cuda()
             for m in [int(v) for v in args.m.split(",")]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                t = []
+                cells = []
                 with torch.no_grad():
                     for s in splits + [0]:  # the switch is read when a graph is captured
                         dq._C.set_input_splits(s)
-                        t.append(graph_time_us(
-                            lambda: torch.ops.duquant.quantize_input(x, layer.perm, layer.r_in, None, 8),
-                            args.calls, args.repeats))
-                print(f"{k:>6} {m:>5} " + " ".join(f"{v:>8.1f}" for v in t), flush=True)
+                        us = graph_time_us(lambda: torch.ops.duquant.quantize_input(x, layer.perm, layer.r_in, None, 8),
+                                           args.calls, args.repeats)
+                        ran = dq._C.last_input_splits()  # a size asked for may run as another
+                        cells.append(f"{us:.1f}" + ("" if ran == s else f"/{ran}"))
+                print(f"{k:>6} {m:>5} " + " ".join(f"{c:>8}" for c in cells), flush=True)
     finally:
         dq._C.set_input_kernel("auto")
         dq._C.set_input_splits(0)

@@ -74,7 +74,9 @@ def main():
                         for splits in split_counts if tile in ("64x64", "gemv", "gemv-direct", "wgmma128") else [1]:  # the ones that split
                             dq._C.set_gemm_tile(tile)
                             dq._C.set_gemm_splits(splits)
-                            t[tile, splits] = time_graph(ours, x, args.repeats, 2.0)[0]
+                            took = time_graph(ours, x, args.repeats, 2.0)[0]
+                            ran = dq._C.last_gemm_splits() or splits  # a count asked for may run as another
+                            t[tile, ran] = min(took, t.get((tile, ran), took))
                     dq._C.set_gemm_tile("auto")
                     dq._C.set_gemm_splits(0)
                     t_auto = time_graph(ours, x, args.repeats, 2.0)[0]

@@ -31,7 +31,11 @@ void bind_fast_path(py::module_& m) {
         "The tile shape the last W4A8/W8A8 fast-path forward launched, as set_gemm_tile names them (never "
         "\"auto\"): what a forced choice really ran. \"\" before the first; CUDA graph replays do not count.");
   m.def("last_gemm_splits", &duquant::last_gemm_splits,
-        "How many CTAs shared each output tile's k range in that launch (1: none; 0 before the first).");
+        "How many CTAs shared each output tile's k range in the last W4A8/W8A8 fast-path GEMM launch (1: none; "
+        "0 before the first).");
+  m.def("last_input_splits", &duquant::last_input_splits,
+        "How many CTAs of a cluster shared each token group in the last fast-path input launch's tensor-core "
+        "kernel (1: none; 0 where another input kernel ran, or before the first).");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
         "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles; the decode "
         "kernel, \"gemv\", and \"wgmma128\" over a cluster of at most 8 on Hopper, wgmma128 a power of two), "

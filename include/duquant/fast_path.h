@@ -60,7 +60,10 @@ std::string gemm_tile();
 // run falls back to picking by size. "" before the first. CUDA graph replays launch nothing here.
 std::string last_gemm_tile();
 // How many CTAs shared each output tile's k range in that launch (1: no split; 0 before the first).
-int64_t last_gemm_splits();
+int last_gemm_splits();
+// How many CTAs of a cluster shared each token group in the last fast-path forward's tensor-core
+// input kernel (1: none), 0 where that forward ran another input kernel or before the first.
+int last_input_splits();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
 // (compute capability 9.0) can run it.
 bool wgmma_gemm_available();

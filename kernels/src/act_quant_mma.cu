@@ -378,8 +378,14 @@ int query_active_clusters(int split, size_t smem) {
   attr.val.clusterDim.z = 1;
   config.attrs = &attr;
   config.numAttrs = 1;
+  // A query, not stream work: allowed while a graph is captured (the first call of a shape may
+  // come then), in relaxed mode whatever mode the capture uses.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, Kernel, &config) != cudaSuccess) {
+  const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, Kernel, &config);
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (e != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
@@ -388,7 +394,7 @@ int query_active_clusters(int split, size_t smem) {
 
 // The same for the tensor-core kernel of a launch. A GPC holds whole clusters: an H200 runs 15
 // clusters of 8 or 30 of 4 at >= 114 KB a CTA, 120 of its 132 SMs. Asked once per shape of
-// launch (a host query per forward would cost).
+// launch (a host query per forward would cost); 0 where the query fails, and then no split.
 int max_active_clusters(DType dt, bool hold, int split, size_t smem) {
   static std::mutex mu;
   static std::map<std::tuple<int, int, bool, int, size_t>, int> known;
@@ -403,7 +409,7 @@ int max_active_clusters(DType dt, bool hold, int split, size_t smem) {
                             : query_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, 0>>(split, smem))
                     : (hold ? query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, H>>(split, smem)
                             : query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, 0>>(split, smem));
-  known.emplace(key, n);
+  if (n > 0) known.emplace(key, n);  // a failed query (0: no split) is asked again next time
   return n;
 }
 

@@ -191,7 +191,8 @@ struct Epilogue {
   __device__ explicit Epilogue(unsigned char* operands)
       : st(reinterpret_cast<float*>(operands)), sn(st + BM), bias(sn + BN), r(bias + BN) {}
   // A view of another tile's operands (a run of its rows: st points at the first).
-  __device__ Epilogue(float* st_, float* sn_, float* bias_, float* r_) : st(st_), sn(sn_), bias(bias_), r(r_) {}
+  __device__ Epilogue(float* token_scales, float* weight_scales, float* bias_row, float* r_blocks)
+      : st(token_scales), sn(weight_scales), bias(bias_row), r(r_blocks) {}
 };
 
 template <int BM, int BN, int THREADS>

@@ -341,7 +341,6 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
       while (2 * splits <= std::min<int64_t>({want, stages, kMaxWgmmaSplits})) splits *= 2;
     }
     plan.splits = splits;
-    plan.stages_per_split = static_cast<int>((stages + splits - 1) / splits);
     return plan;
   }
   // Only 64x64 tiles have a split-k variant; by size they split for long rows alone.

@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     pdl_trigger();
-    if constexpr (SPLIT > 1) {  // every thread of the cluster takes part in its two barriers
+    if constexpr (SPLIT > 1) {  // stays for the cluster's two barriers (exiting would also count as arrived)
       cluster_arrive();
       cluster_wait();
       cluster_arrive();

@@ -10,6 +10,8 @@
 // allocator hands out again may still be in use by the kernel before.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace duquant {
 namespace kernels {
 
@@ -75,7 +77,7 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 template <auto Kernel>
 cudaError_t allow_dynamic_smem(int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  static bool raised[64] = {};
+  static std::atomic<bool> raised[64] = {};  // callers on several threads (planners and launches)
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;

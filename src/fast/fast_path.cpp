@@ -48,6 +48,7 @@ KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "1
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 std::atomic<int> g_gemm_splits{0};
 std::atomic<int> g_input_splits{0};
+std::atomic<int> g_last_input_splits{0};  // the tensor-core input kernel's cluster size, last launch
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
 
@@ -69,7 +70,9 @@ void note_gemm_tile_launched(int tile, int splits) {
   g_last_gemm_tile = tile;
   g_last_gemm_splits = splits;
 }
-int64_t last_gemm_splits() { return g_last_gemm_splits.load(); }
+int last_gemm_splits() { return g_last_gemm_splits.load(); }
+void note_input_splits_launched(int splits) { g_last_input_splits = splits; }
+int last_input_splits() { return g_last_input_splits.load(); }
 std::string last_gemm_tile() {
   const int t = g_last_gemm_tile.load();
   return t < 0 ? std::string() : g_gemm_tile.name_of(t);

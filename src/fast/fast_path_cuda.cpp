@@ -91,6 +91,7 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
     p.workspace = workspace.data_ptr();
   }
   check(kernels::act_quant(p, plan, ctx.stream), "input kernel launch");
+  note_input_splits_launched(plan.mma_tokens > 0 ? plan.mma_split : 0);
 }
 
 torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {

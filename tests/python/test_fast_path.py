@@ -117,14 +117,18 @@ def test_input_codes_equal_reference(dtype, m, k, block, static, input_kernel):
 @pytest.mark.parametrize("m,k", [(33, 2048), (300, 4096), (17, 1024), (5000, 2048)])
 def test_input_codes_with_forced_cluster_split(dtype, m, k, splits):
     """The tensor-core input kernel with each token group's blocks over a forced cluster of CTAs
-    (Hopper; one CTA elsewhere), also where its size would pick none (M = 5000) or another count."""
+    (Hopper: as many as asked, at most one block of positions per warp a CTA; one CTA elsewhere),
+    also where its size would pick none (M = 5000) or another count; what ran is checked."""
     dq._C.set_input_kernel("mma")
     dq._C.set_input_splits(splits)
     try:
         check_input_codes(dtype, m, k, 16, False)
+        ran = dq._C.last_input_splits()
     finally:
         dq._C.set_input_kernel("auto")
         dq._C.set_input_splits(0)
+    clusters = torch.cuda.get_device_capability()[0] >= 9
+    assert ran == (min(splits, k // 16 // 8, 8) if clusters else 1)
 
 
 def check_input_codes(dtype, m, k, block, static):
@@ -188,7 +192,7 @@ def test_forced_tile_is_the_one_that_runs(tile, cfg, m, n, k, forced_gemm):
     really cover it: a forced choice that cannot run falls back to picking by size silently."""
     if tile.startswith("wgmma") and not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
-    forced_gemm(tile, 0)
+    forced_gemm(tile, 1 if tile == "wgmma128" else 0)  # unsplit (test_wgmma_cluster_split_* covers the split)
     check_gemm_against_float64(cfg, m, n, k, True)
     assert dq._C.last_gemm_tile() == tile
 
@@ -207,31 +211,30 @@ def test_forced_tile_that_cannot_run_picks_by_size(tile, cfg, m, forced_gemm):
     assert dq._C.last_gemm_tile() == by_size
 
 
-@pytest.mark.parametrize("k,n,m,picks_wgmma", [
-    (16384, 2048, 256, True), (2048, 256, 1024, True), (16384, 2048, 64, True), (2048, 16384, 33, True),
-    (1024, 2048, 512, True), (2048, 2048, 129, True), (2048, 2048, 64, False), (1024, 256, 1024, False),
-    (2048, 256, 256, False), (16384, 2048, 32, False),
+@pytest.mark.parametrize("k,n,m,splits", [
+    (16384, 2048, 256, 2), (2048, 256, 1024, 4), (16384, 2048, 64, 4), (2048, 16384, 33, 1), (1024, 2048, 512, 2),
+    (2048, 2048, 129, 2), (2048, 2048, 64, None), (1024, 256, 1024, None), (2048, 256, 256, None),
+    (16384, 2048, 32, None),
 ], ids=["long-rows-m256", "narrow-m1024", "long-rows-m64", "wide-m33", "64-tiles", "m129", "m64", "narrow-short-rows",
         "narrow-m256", "long-rows-m32"])
-def test_auto_runs_wgmma_where_it_wins(k, n, m, picks_wgmma):
+def test_auto_runs_wgmma_where_it_wins(k, n, m, splits):
     """int_gemm_plan's rule on Hopper: the 128-token wgmma tiles past M = 64 (past 32 on long rows or
-    wide layers), not on narrow layers (N = 256) up to M = 256 or with K < 2048; their k split over a
-    cluster of as many CTAs as keep them to half the SMs, at most 8, and 2 where the tiles alone fill
-    at most half (wgmma_auto_splits)."""
+    wide layers), not on narrow layers (N = 256) up to M = 256 or with K < 2048 (splits None: another
+    kernel); their k split over a cluster of as many CTAs as keep them to half the SMs, at most 8, and
+    2 where the tiles alone fill at most half (wgmma_auto_splits): the counts here are for 132 SMs
+    (H100 SXM, H200), checked there only."""
     if not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
     assert dq._C.gemm_tile() == "auto" and dq._C.gemm_splits() == 0
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = ((n + 127) // 128) * ((m + 127) // 128)
-    splits = 1
-    while 2 * splits <= min(8, (k + 127) // 128) and 2 * splits * tiles <= sms // 2:
-        splits *= 2
-    if splits == 1 and 2 * tiles <= sms:
-        splits = 2
     layer = dq.DuQuantLinear.from_linear(nn.Linear(k, n, bias=False), dq.Config()).cuda()
     layer(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    ran = (dq._C.last_gemm_tile(), dq._C.last_gemm_splits())
-    assert ran == ("wgmma128", splits) if picks_wgmma else not ran[0].startswith("wgmma"), ran
+    tile, ran = dq._C.last_gemm_tile(), dq._C.last_gemm_splits()
+    if splits is None:
+        assert not tile.startswith("wgmma"), tile
+        return
+    assert tile == "wgmma128"
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert ran == splits
 
 
 @pytest.fixture

@@ -71,6 +71,7 @@ def test_input_splits_round_trip_and_range():
 def test_last_gemm_tile_is_empty_before_any_forward():
     """In a fresh process nothing has launched a GEMM yet (test_fast_path.py checks what it names
     after a forward)."""
-    code = "import duquant_ext as dq; print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits())))"
+    code = ("import duquant_ext as dq; "
+            "print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits(), dq._C.last_input_splits())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "('', 0)", out.stdout + out.stderr
+    assert out.stdout.strip() == "('', 0, 0)", out.stdout + out.stderr

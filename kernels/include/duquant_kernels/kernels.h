@@ -114,8 +114,8 @@ struct IntGemmParams {
   int64_t m = 0, n = 0, k = 0;
   int num_sms = 132;                // for picking the tile shape
   GemmTile tile = GemmTile::kAuto;
-  int splits = 0;                   // CTAs sharing each output tile's k range (64x64 tiles; gemv: a
-                                    // cluster of up to 8, Hopper); 0 = by size
+  int splits = 0;                   // CTAs sharing each output tile's k range (64x64 tiles; gemv and
+                                    // wgmma128: a cluster of up to 8, Hopper); 0 = by size
   // Split-k scratch of IntGemmPlan::workspace_bytes: per-tile arrival counters (zero when the
   // GEMM starts: the input kernels clear them) followed by the k slices' partial sums.
   void* workspace = nullptr;
@@ -130,14 +130,17 @@ struct IntGemmParams {
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
 
 // How int_gemm runs for given parameters (decided once per call, passed to int_gemm). Where the
-// tiles alone leave SMs idle, `splits` CTAs share each output tile's k range: each writes its
-// integer partial sums to the workspace, and the last to arrive adds them up (in k order, exact)
-// and runs the epilogue. The workspace's first `counters` ints must be zero at launch.
+// tiles alone leave SMs idle, `splits` CTAs share each output tile's k range. On 64x64 tiles each
+// writes its integer partial sums to the workspace, and the last to arrive adds them up (exact)
+// and runs the epilogue; the workspace's first `counters` ints must be zero at launch. The skinny
+// kernel and the wgmma kernel split over a cluster and sum through distributed shared memory (no
+// workspace).
 struct IntGemmPlan {
   GemmTile tile = GemmTile::kStream;
   int splits = 1;
-  int stages_per_split = 0;  // pipeline stages (k chunks) per slice
-  int counters = 0;          // output tiles (0 when splits == 1)
+  int stages_per_split = 0;  // pipeline stages (k chunks) per slice of 64x64 tiles (the wgmma
+                             // kernel deals them out evenly itself)
+  int counters = 0;          // output tiles of split 64x64 tiles (else 0)
   size_t workspace_bytes = 0;
 };
 IntGemmPlan int_gemm_plan(const IntGemmParams& p);
