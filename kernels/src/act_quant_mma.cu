@@ -363,39 +363,17 @@ cudaError_t launch_mma_hold(const ActQuantParams& p, const MmaLaunch& l, bool ch
   return l.hold ? launch_mma<DT, kMmaHold>(p, l, chain, stream) : launch_mma<DT, 0>(p, l, chain, stream);
 }
 
-// How many clusters of `split` CTAs with `smem` bytes each Kernel runs at once; 0 where the query fails.
+// max_active_clusters of the tensor-core kernel's variant `Kernel`, clusters of `split`.
 template <auto Kernel>
-int query_active_clusters(int split, size_t smem) {
+int mma_active_clusters(int split, size_t smem) {
   if (allow_dynamic_smem<Kernel>(device_facts().smem_optin - kStaticSmemRoom) != cudaSuccess) return 0;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(1, static_cast<unsigned>(split), 1);
-  config.blockDim = dim3(kMmaWarps * 32);
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1;
-  attr.val.clusterDim.y = static_cast<unsigned>(split);
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  // A query, not stream work: allowed while a graph is captured (the first call of a shape may
-  // come then), in relaxed mode whatever mode the capture uses.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);
-  int n = 0;
-  const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, Kernel, &config);
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
+  return max_active_clusters(Kernel, dim3(kMmaWarps * 32), smem, dim3(1, static_cast<unsigned>(split), 1));
 }
 
-// The same for the tensor-core kernel of a launch. A GPC holds whole clusters: an H200 runs 15
-// clusters of 8 or 30 of 4 at >= 114 KB a CTA, 120 of its 132 SMs. Asked once per shape of
-// launch (a host query per forward would cost); 0 where the query fails, and then no split.
-int max_active_clusters(DType dt, bool hold, int split, size_t smem) {
+// The same for the kernel a launch of these sizes runs: an H200 runs 15 clusters of 8 or 30 of 4
+// at >= 114 KB a CTA, 120 of its 132 SMs. Asked once per launch shape (a host query per forward
+// would cost); 0 where the query fails, and then no split.
+int mma_active_clusters(DType dt, bool hold, int split, size_t smem) {
   static std::mutex mu;
   static std::map<std::tuple<int, int, bool, int, size_t>, int> known;
   int dev = 0;
@@ -405,10 +383,10 @@ int max_active_clusters(DType dt, bool hold, int split, size_t smem) {
   if (auto it = known.find(key); it != known.end()) return it->second;
   constexpr int W = kMmaWarps, H = kMmaHold;
   const int n = dt == DType::kFloat16
-                    ? (hold ? query_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, H>>(split, smem)
-                            : query_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, 0>>(split, smem))
-                    : (hold ? query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, H>>(split, smem)
-                            : query_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, 0>>(split, smem));
+                    ? (hold ? mma_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, H>>(split, smem)
+                            : mma_active_clusters<rotate_mma_kernel<1, W, DType::kFloat16, 0>>(split, smem))
+                    : (hold ? mma_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, H>>(split, smem)
+                            : mma_active_clusters<rotate_mma_kernel<1, W, DType::kBFloat16, 0>>(split, smem));
   if (n > 0) known.emplace(key, n);  // a failed query (0: no split) is asked again next time
   return n;
 }
@@ -452,8 +430,7 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   } else if (dev.clusters) {
     for (int s = kMaxMmaCluster; s >= 2 && split == 1; s /= 2) {
       if (s > most || groups * s > p.num_sms) continue;
-      const size_t bytes = mma_smem_bytes(tokens, p.k, act::dtype_bytes(p.x_dtype), (nb + s - 1) / s);
-      if (groups <= max_active_clusters(p.x_dtype, holds(s), s, bytes)) split = s;
+      if (groups <= mma_active_clusters(p.x_dtype, holds(s), s, static_cast<size_t>(smem(tokens, s)))) split = s;
     }
     if (split == 1 && tokens < kMmaTokens && most >= 2) split = 2;
   }

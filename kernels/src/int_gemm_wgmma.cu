@@ -22,6 +22,7 @@
 // (2048->2048 at M = 1024: 38.0 against 27.8 us).
 // Nibbles are unpacked into the high half of each byte (value x 16), and the sum is shifted back,
 // as in int_gemm.cu. Integer sums are exact, so outputs equal the mma.sync kernels' bit for bit.
+#include <cooperative_groups.h>
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes through the runtime)
 #include <cudaTypedefs.h>
 
@@ -104,25 +105,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 __device__ __forceinline__ void producer_registers() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
 __device__ __forceinline__ void consumer_registers() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
 __device__ __forceinline__ void named_sync_consumers() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
-// Split-k over a cluster (along grid z): the CTAs' partial tiles meet in distributed shared memory.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;\n" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
-// 16 bytes at shared-memory address `addr` of cluster CTA `rank` (addr as this CTA would use it).
-__device__ __forceinline__ int4 ld_cluster_v4(uint32_t addr, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  int4 v;
-  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(remote)
-               : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -174,7 +156,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // This CTA's k stages: [s0, s0 + num_stages), all of them unless split; split evenly, so that
   // every CTA has at least one (the launch asks for no more CTAs than stages).
   const int all_stages = static_cast<int>((p.k + kKs - 1) / kKs);
-  const int rank = SPLIT > 1 ? static_cast<int>(cluster_rank()) : 0;
+  namespace cg = cooperative_groups;
+  const int rank = SPLIT > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
   const int s0 = rank * all_stages / SPLIT;
   const int num_stages = (rank + 1) * all_stages / SPLIT - s0;
   const uint32_t bars = smem_addr(smem + T::kBarOffset);
@@ -213,10 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     pdl_trigger();
     if constexpr (SPLIT > 1) {  // stays for the cluster's two barriers (exiting would also count as arrived)
-      cluster_arrive();
-      cluster_wait();
-      cluster_arrive();
-      cluster_wait();
+      cg::this_cluster().sync();
+      cg::this_cluster().sync();
     }
     return;
   }
@@ -286,43 +267,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();
   named_sync_consumers();  // every MMA retired: the stages may be overwritten; the operands landed
 
-  // Accumulator layout of m64nTN: warp wq holds rows (outputs) 16wq + g and 16wq + g + 8, columns
-  // (tokens) 8j + 2t and 8j + 2t + 1 of each n8 block j. The tile is [token][output].
+  // The tile is [token][output]. fn(token, output, sum) for each accumulator of m64nTN: warp wq
+  // holds rows (outputs) 16wq + g and 16wq + g + 8, columns (tokens) 8j + 2t and 8j + 2t + 1 of
+  // each n8 block j. The sums are multiples of 16 (nibbles read as x 16): shifted back exactly.
   float* tile_f = reinterpret_cast<float*>(smem);
-  if constexpr (SPLIT == 1) {
+  auto for_each_sum = [&](auto&& fn) {
 #pragma unroll
     for (int j = 0; j < TN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
-        tile_f[tok * Epi::kStride + f] = static_cast<float>(acc[4 * j + e] >> 4) * ep.st[tok] * ep.sn[f];
-      }
+      for (int e = 0; e < 4; ++e)
+        fn(8 * j + 2 * t + (e & 1), wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), acc[4 * j + e] >> 4);
+  };
+  if constexpr (SPLIT == 1) {
+    for_each_sum([&](int tok, int f, int sum) {
+      tile_f[tok * Epi::kStride + f] = static_cast<float>(sum) * ep.st[tok] * ep.sn[f];
+    });
     named_sync_consumers();
     restore_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
   } else {
-    // The partial sums (each a multiple of 16: shifted exactly), then the cluster's meeting point.
+    // The partial sums, then the cluster's meeting point.
     int* tile_i = reinterpret_cast<int*>(smem);
-#pragma unroll
-    for (int j = 0; j < TN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int f = wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), tok = 8 * j + 2 * t + (e & 1);
-        tile_i[tok * Epi::kStride + f] = acc[4 * j + e] >> 4;
-      }
-    cluster_arrive();
-    cluster_wait();
+    for_each_sum([&](int tok, int f, int sum) { tile_i[tok * Epi::kStride + f] = sum; });
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's partials are in its shared memory
     // This CTA's TN / SPLIT tokens: every CTA's partials added (integers: any order is exact),
     // scaled into this CTA's tile in place (the others read only their own tokens' rows of it).
     constexpr int kRows = TN / SPLIT;
     const int r0 = rank * kRows;
-    const uint32_t base = smem_addr(tile_i);
     for (int it = tid; it < kRows * (kFeat / 4); it += kConsumers) {
       const int tok = r0 + it / (kFeat / 4), f = (it % (kFeat / 4)) * 4;
       const int at = tok * Epi::kStride + f;
       int4 sum = make_int4(0, 0, 0, 0);
 #pragma unroll
       for (int q = 0; q < SPLIT; ++q) {
-        const int4 v = ld_cluster_v4(base + 4 * at, q);
+        const int4 v = *reinterpret_cast<const int4*>(cluster.map_shared_rank(tile_i + at, q));
         sum.x += v.x;
         sum.y += v.y;
         sum.z += v.z;
@@ -334,10 +312,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                       static_cast<float>(sum.z) * st * ep.sn[f + 2], static_cast<float>(sum.w) * st * ep.sn[f + 3]);
     }
     named_sync_consumers();
-    cluster_arrive();  // done reading the other CTAs' partials
+    cluster.barrier_arrive();  // done reading the other CTAs' partials
     const Epilogue<kRows, kFeat> mine(ep.st + r0, ep.sn, ep.bias, ep.r);
     restore_bias_store<kRows, kFeat, kConsumers>(p, m0 + r0, n0, tile_f + r0 * Epi::kStride, mine);
-    cluster_wait();  // and they with this one's: its shared memory may go
+    cluster.barrier_wait();  // and they with this one's: its shared memory may go
   }
 #else
   __trap();  // never launched: wgmma_gemm_usable() is false without sm_90a code

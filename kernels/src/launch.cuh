@@ -38,31 +38,60 @@ struct DeviceFacts {
 };
 const DeviceFacts& device_facts();
 
-// Launches `kernel` with cudaLaunchKernelEx: chained (see above) when `chained`, in clusters of
-// `cluster` CTAs when that is more than one.
+// A cudaLaunchKernelEx configuration: chained (see above) when `chained`, in clusters of `cluster`
+// CTAs when that is more than one. Holds its attributes, so it must outlive the launch or query.
+struct LaunchConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[2];
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool chained, dim3 cluster) {
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    unsigned n = 0;
+    if (chained) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster.x * cluster.y * cluster.z > 1) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n].val.clusterDim.x = cluster.x;
+      attr[n].val.clusterDim.y = cluster.y;
+      attr[n++].val.clusterDim.z = cluster.z;
+    }
+    config.attrs = attr;
+    config.numAttrs = n;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
+// Launches `kernel` with cudaLaunchKernelEx as LaunchConfig describes.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                     bool chained, dim3 cluster, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (chained) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  const LaunchConfig c(grid, block, smem, stream, chained, cluster);
+  return cudaLaunchKernelEx(&c.config, kernel, std::forward<Args>(args)...);
+}
+
+// How many clusters of `cluster` CTAs (block threads, smem bytes of dynamic shared memory each)
+// the device runs at once: a GPC holds whole clusters, so fewer than SMs / cluster size. 0 where
+// the query fails. A query, not stream work: allowed while a graph is captured (the first call of
+// a launch shape may come then), made in relaxed mode whatever mode the capture uses. The kernel
+// must already allow `smem` (allow_dynamic_smem).
+template <typename... Params>
+int max_active_clusters(void (*kernel)(Params...), dim3 block, size_t smem, dim3 cluster) {
+  const LaunchConfig c(cluster, block, smem, nullptr, false, cluster);
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  int n = 0;
+  const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, kernel, &c.config);
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
   }
-  if (cluster.x * cluster.y * cluster.z > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster.x;
-    attr[n].val.clusterDim.y = cluster.y;
-    attr[n++].val.clusterDim.z = cluster.z;
-  }
-  config.attrs = attr;
-  config.numAttrs = n;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  return n;
 }
 
 template <typename... Params, typename... Args>

@@ -46,8 +46,24 @@ class KernelChoice {
 KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"});  // kernels::InputKernel
 KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
-std::atomic<int> g_gemm_splits{0};
-std::atomic<int> g_input_splits{0};
+// A process-wide split count for tests and benchmarks to force: 0 picks by size, 1..most forces.
+class SplitCount {
+ public:
+  SplitCount(const char* what, int most) : what_(what), most_(most) {}
+  void set(int64_t splits) {
+    TORCH_CHECK(splits >= 0 && splits <= most_, what_, " must be 0 (picked by size) or 1..", most_, ", got ", splits);
+    count_ = static_cast<int>(splits);
+  }
+  int get() const { return count_.load(); }
+
+ private:
+  const char* what_;
+  int most_;
+  std::atomic<int> count_{0};
+};
+
+SplitCount g_gemm_splits("GEMM splits", 64);
+SplitCount g_input_splits("input splits", 8);
 std::atomic<int> g_last_input_splits{0};  // the tensor-core input kernel's cluster size, last launch
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
@@ -56,11 +72,8 @@ std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output
 
 void set_input_kernel(const std::string& which) { g_input_kernel.set(which); }
 std::string input_kernel() { return g_input_kernel.name(); }
-void set_input_splits(int64_t splits) {
-  TORCH_CHECK(splits >= 0 && splits <= 8, "input splits must be 0 (picked by size) or 1..8, got ", splits);
-  g_input_splits = static_cast<int>(splits);
-}
-int input_splits() { return g_input_splits.load(); }
+void set_input_splits(int64_t splits) { g_input_splits.set(splits); }
+int input_splits() { return g_input_splits.get(); }
 int input_kernel_index() { return g_input_kernel.index(); }
 
 void set_gemm_tile(const std::string& which) { g_gemm_tile.set(which); }
@@ -78,11 +91,8 @@ std::string last_gemm_tile() {
   return t < 0 ? std::string() : g_gemm_tile.name_of(t);
 }
 
-void set_gemm_splits(int64_t splits) {
-  TORCH_CHECK(splits >= 0 && splits <= 64, "GEMM splits must be 0 (picked by size) or 1..64, got ", splits);
-  g_gemm_splits = static_cast<int>(splits);
-}
-int gemm_splits() { return g_gemm_splits.load(); }
+void set_gemm_splits(int64_t splits) { g_gemm_splits.set(splits); }
+int gemm_splits() { return g_gemm_splits.get(); }
 
 bool wgmma_gemm_available() {
 #ifdef DUQUANT_WITH_CUDA

@@ -233,8 +233,10 @@ def test_auto_runs_wgmma_where_it_wins(k, n, m, splits):
         assert not tile.startswith("wgmma"), tile
         return
     assert tile == "wgmma128"
-    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert ran == splits
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if sms != 132:
+        pytest.skip(f"the tile was checked; the split counts are pinned for 132 SMs, this GPU has {sms}")
+    assert ran == splits
 
 
 @pytest.fixture

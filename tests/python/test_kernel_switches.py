@@ -42,30 +42,21 @@ def test_unknown_gemm_tile_is_refused_and_changes_nothing():
         dq._C.set_gemm_tile("auto")
 
 
-def test_gemm_splits_round_trip_and_range():
-    assert dq._C.gemm_splits() == 0
+@pytest.mark.parametrize("what,setter,getter,most", [
+    ("GEMM splits", dq._C.set_gemm_splits, dq._C.gemm_splits, 64),
+    ("input splits", dq._C.set_input_splits, dq._C.input_splits, 8),
+], ids=["gemm", "input"])
+def test_split_counts_round_trip_and_range(what, setter, getter, most):
+    assert getter() == 0
     try:
-        dq._C.set_gemm_splits(4)
-        assert dq._C.gemm_splits() == 4
-        for bad in (-1, 65):
-            with pytest.raises(RuntimeError, match=r"GEMM splits must be 0 \(picked by size\) or 1\.\.64, got " + str(bad)):
-                dq._C.set_gemm_splits(bad)
-        assert dq._C.gemm_splits() == 4
+        setter(most)
+        assert getter() == most
+        for bad in (-1, most + 1):
+            with pytest.raises(RuntimeError, match=rf"{what} must be 0 \(picked by size\) or 1\.\.{most}, got {bad}"):
+                setter(bad)
+        assert getter() == most
     finally:
-        dq._C.set_gemm_splits(0)
-
-
-def test_input_splits_round_trip_and_range():
-    assert dq._C.input_splits() == 0
-    try:
-        dq._C.set_input_splits(8)
-        assert dq._C.input_splits() == 8
-        for bad in (-1, 9):
-            with pytest.raises(RuntimeError, match=r"input splits must be 0 \(picked by size\) or 1\.\.8, got " + str(bad)):
-                dq._C.set_input_splits(bad)
-        assert dq._C.input_splits() == 8
-    finally:
-        dq._C.set_input_splits(0)
+        setter(0)
 
 
 def test_last_gemm_tile_is_empty_before_any_forward():
