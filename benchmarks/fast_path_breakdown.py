@@ -1,6 +1,7 @@
 """Where the fast path's time goes: the input side alone with each input kernel ("rows": one kernel,
 whole rows in shared memory; "split": two passes over column chunks; "mma": the rotation on tensor
-cores; "auto": what layers run), the
+cores, whole rows a CTA; "slices": a permuted copy, then the rotation on tensor cores over slices of
+positions (Hopper); "auto": what layers run), the
 whole layer (input + GEMM) and bf16 nn.Linear, per shape and token count. CUDA graphs of `--calls`
 back-to-back calls, median of `--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
 
@@ -59,7 +60,8 @@ def main():
         input_split_table(args, [int(v) for v in args.input_splits.split(",")])
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, wbits={args.wbits}")
-    print(f"{'K->N':>12} {'M':>5} {'in:rows':>8} {'in:split':>8} {'in:mma':>8} {'input':>8} {'layer':>8} {'gemm~':>8} "
+    print(f"{'K->N':>12} {'M':>5} {'in:rows':>8} {'in:split':>8} {'in:mma':>8} {'in:slices':>9} {'input':>8} "
+          f"{'ran':>6} {'layer':>8} {'gemm~':>8} "
           f"{'bf16':>8} {'bf16/layer':>10}")
     for k, n in SHAPES:
         lin = torch.nn.Linear(k, n, bias=False)
@@ -69,14 +71,16 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_in = {}
             with torch.no_grad():
-                for which in ("rows", "split", "mma", "auto"):  # the switch is read when a graph is captured
+                for which in ("rows", "split", "mma", "slices", "auto"):  # the switch is read when a graph is captured
                     dq._C.set_input_kernel(which)
                     t_in[which] = graph_time_us(
                         lambda: torch.ops.duquant.quantize_input(x, layer.perm, layer.r_in, None, 8),
                         args.calls, args.repeats)
+                ran = dq._C.last_input_kernel()  # what auto picked (captured last)
                 t_layer = graph_time_us(lambda: layer(x), args.calls, args.repeats)
                 t_bf16 = graph_time_us(lambda: lin_bf16(x), args.calls, args.repeats)
-            print(f"{k:>5}->{n:<6} {m:>5} {t_in['rows']:>8.1f} {t_in['split']:>8.1f} {t_in['mma']:>8.1f} {t_in['auto']:>8.1f} "
+            print(f"{k:>5}->{n:<6} {m:>5} {t_in['rows']:>8.1f} {t_in['split']:>8.1f} {t_in['mma']:>8.1f} "
+                  f"{t_in['slices']:>9.1f} {t_in['auto']:>8.1f} {ran:>6} "
                   f"{t_layer:>8.1f} {t_layer - t_in['auto']:>8.1f} {t_bf16:>8.1f} {t_bf16 / t_layer:>10.2f}", flush=True)
 
 

@@ -26,12 +26,12 @@ for step in "$@"; do
       python3 benchmarks/gemm_tile_sweep.py --tiles wgmma128 --splits 1,2,4,8 --m 32,64,128,256,512,1024 \
         >"$OUT/wgmma_splits.txt" 2>&1
       cat "$OUT/wgmma_splits.txt" ;;
-    ncu)  # per-kernel profile of one layer call per shape (NCU_SHAPES="K,N,M K,N,M ..."): time, occupancy, stalls
+    ncu)  # per-kernel profile of one layer call per shape (NCU_SHAPES="K,N,M[,input kernel] ..."): time, occupancy, stalls
       for shape in ${NCU_SHAPES:-2048,256,1024 1024,256,1024 2048,2048,256 1024,4096,64 2048,2048,1024}; do
-        IFS=, read -r k n m <<<"$shape"
-        /usr/local/cuda/bin/ncu -k regex:"rotate_|int_gem|wo_gemm|quantize_chunk" --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \
+        IFS=, read -r k n m kind <<<"$shape"
+        /usr/local/cuda/bin/ncu -k regex:"rotate_|permute_|int_gem|wo_gemm|quantize_chunk" --launch-skip 4 --launch-count 3 --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-          ${NCU_ARGS:-} python3 benchmarks/profile_one.py "$k" "$n" "$m" >/tmp/ncu_one.txt 2>&1
+          ${NCU_ARGS:-} python3 benchmarks/profile_one.py "$k" "$n" "$m" 4 "${kind:-auto}" >/tmp/ncu_one.txt 2>&1
         { echo "=== K=$k N=$n M=$m"; cat /tmp/ncu_one.txt; } >>"$OUT/ncu.txt"
         grep -E '^  [a-z_]+.*\(|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Grid Size|Issued Ipc|DRAM Through|L2 Cache Through' /tmp/ncu_one.txt | sed "s/^/$shape /"
       done ;;

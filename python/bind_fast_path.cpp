@@ -11,7 +11,8 @@ void bind_fast_path(py::module_& m) {
         "Which input kernels the fast path runs, process-wide: \"auto\" (default), \"rows\" (one kernel, "
         "whole rows in shared memory, wherever a row fits), \"split\" (two passes over column chunks) or \"mma\" "
         "(the rotation on tensor cores, for float16/bfloat16 inputs, block size 16 and int8 codes; elsewhere "
-        "\"auto\").");
+        "\"auto\") or \"slices\" (the same inputs on Hopper: a permuted copy of x, then the rotation on tensor "
+        "cores over slices of positions, 16-64 tokens a CTA; elsewhere \"auto\").");
   m.def("input_kernel", &duquant::input_kernel, "The input kernels set by set_input_kernel.");
   m.def("set_input_splits", &duquant::set_input_splits, py::arg("splits"),
         "How many CTAs of a cluster share each 16-token group in the tensor-core input kernel (\"mma\", "
@@ -35,7 +36,10 @@ void bind_fast_path(py::module_& m) {
         "0 before the first).");
   m.def("last_input_splits", &duquant::last_input_splits,
         "How many CTAs of a cluster shared each token group in the last fast-path input launch's tensor-core "
-        "kernel (1: none; 0 where another input kernel ran, or before the first).");
+        "kernel, \"mma\" or \"slices\" (1: none; 0 where another input kernel ran, or before the first).");
+  m.def("last_input_kernel", &duquant::last_input_kernel,
+        "The input kernels the last fast-path forward launched, as set_input_kernel names them (never \"auto\"): "
+        "what a forced choice really ran. \"\" before the first; CUDA graph replays do not count.");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
         "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles; the decode "
         "kernel, \"gemv\", and \"wgmma128\" over a cluster of at most 8 on Hopper, wgmma128 a power of two), "

@@ -34,8 +34,11 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
 
 // Which input kernels the fast path runs, process-wide, for comparing them in tests and benchmarks:
 // "auto" (the default: one kernel holding whole rows in shared memory where a row fits on an SM,
-// the two-pass kernels otherwise), "rows" (the one-kernel path wherever it fits) or "split" (the
-// two passes always). Anything else throws.
+// the two-pass kernels otherwise, the tensor-core kernels at large M), "rows" (the one-kernel path
+// wherever it fits), "split" (the two passes always), "mma" (the rotation on tensor cores, whole
+// rows a CTA) or "slices" (a permuted copy of x, then the rotation on tensor cores over slices of
+// positions; Hopper). The last two take float16/bfloat16 x, block size 16 and int8 codes; elsewhere
+// they pick as "auto" does. Anything else throws.
 void set_input_kernel(const std::string& which);
 std::string input_kernel();
 // How many CTAs of a cluster share each 16-token group's blocks in the tensor-core input kernel
@@ -62,8 +65,12 @@ std::string last_gemm_tile();
 // How many CTAs shared each output tile's k range in that launch (1: no split; 0 before the first).
 int last_gemm_splits();
 // How many CTAs of a cluster shared each token group in the last fast-path forward's tensor-core
-// input kernel (1: none), 0 where that forward ran another input kernel or before the first.
+// input kernel, "mma" or "slices" (1: none), 0 where that forward ran another input kernel or
+// before the first.
 int last_input_splits();
+// The input kernels the last fast-path forward ran, named as set_input_kernel names them but never
+// "auto" ("" before the first): what a forced choice really ran.
+std::string last_input_kernel();
 // True when this build has the wgmma GEMM kernel (sm_90a code) and the current CUDA device
 // (compute capability 9.0) can run it.
 bool wgmma_gemm_available();

@@ -35,6 +35,33 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
   return static_cast<int8_t>(fminf(fmaxf(rintf(v / scale), -qmax - 1.f), qmax));
 }
 
+// ---- the tensor-core input kernels (act_quant_mma.cu, act_quant_slices.cu) ----
+
+// v rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32), in two integer
+// instructions: the conversion instruction runs on the quarter-rate conversion unit, and a block
+// needs 16 of them per lane.
+__device__ __forceinline__ uint32_t to_tf32(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// v / s, correctly rounded (as the reference divides), from the reciprocal and one residual.
+__device__ __forceinline__ float div_by_scale(float v, float s, float inv) {
+  const float q = v * inv;
+  return fmaf(fmaf(-q, s, v), inv, q);
+}
+
+// The code of v as the low byte of a float's bits: adding 1.5 * 2^23 rounds to an integer, half to
+// even like rintf, and leaves it two's-complement in the low mantissa bits (no float-to-int
+// conversion, another quarter-rate instruction).
+__device__ __forceinline__ uint32_t code_bits(float v, float s, float inv, float qmax) {
+  return __float_as_uint(fminf(fmaxf(div_by_scale(v, s, inv), -qmax - 1.f), qmax) + 12582912.f);
+}
+
 // Token scales of a CTA's `rows` tokens from row0 on, into scale_s (shared memory) and, by the
 // first CTA of a cluster, p.scales. static_token_scales: the layer's static scale.
 // token_scales_from_max: scale_s[0..rows) holds this CTA's max |x'| per token over its positions;
@@ -102,6 +129,18 @@ struct MmaLaunch {
 };
 MmaLaunch act_quant_mma_plan(const ActQuantParams& p);
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& launch, bool chain, cudaStream_t stream);
+
+// act_quant_slices.cu: the tensor-core input side for many tokens (float16/bfloat16 x, B = 16,
+// codes, Hopper): x~ = x[:, perm] copied to scratch (`permute`), then TM tokens a CTA and a slice
+// of the positions, a cluster of `split` CTAs covering the row. tokens = 0: it does not apply.
+struct SliceLaunch {
+  int tokens = 0;
+  int split = 1;
+  bool permute = false;
+};
+SliceLaunch act_quant_slices_plan(const ActQuantParams& p);
+size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch& launch);  // x~'s bytes
+cudaError_t act_quant_slices(const ActQuantParams& p, const SliceLaunch& launch, bool chain_first, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace duquant

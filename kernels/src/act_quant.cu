@@ -212,23 +212,46 @@ constexpr int64_t kMmaLongRowGroupsPerSm = 1;
 // The row kernel reads x once and writes codes once; under kAuto it runs where a row fits except
 // where, measured on an H200 (benchmarks/fast_path_breakdown.py), the two passes win: fewer tokens
 // than 2 per SM past M = 128 with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
+// The slice kernels (a permuted copy, then tokens as the mma's n dimension) under kAuto: for rows
+// too long for 16 tokens a CTA of the tensor-core kernel, from M = 256 on. Measured on an H200
+// (benchmarks/fast_path_breakdown.py), K = 16384: M = 256 47 us -> 35, M = 1024 142 -> 79, M =
+// 4096 515 -> 244; M = 64 31 against 18 for the row kernel. On shorter rows the copy costs more
+// than it saves (K = 2048, M = 4096: 38 against 26; K = 4096: 69 against 61).
+constexpr int64_t kSliceMinTokens = 256;
+
+bool slices_by_size(const ActQuantParams& p) {
+  return p.m >= kSliceMinTokens && p.m * p.k >= kMmaMinElements && act_quant_mma_plan(p).tokens < kMmaTokens;
+}
+
 ActQuantPlan act_quant_plan(const ActQuantParams& p) {
   ActQuantPlan plan;
-  if (p.kernel == InputKernel::kMma || (p.kernel == InputKernel::kAuto && p.m * p.k >= kMmaMinElements)) {
+  if (p.kernel == InputKernel::kSlices || (p.kernel == InputKernel::kAuto && slices_by_size(p))) {
+    const SliceLaunch s = act_quant_slices_plan(p);
+    if (s.tokens > 0) {
+      plan.slice_tokens = s.tokens;
+      plan.slice_split = s.split;
+      plan.slice_permute = s.permute;
+      plan.workspace_bytes = act_quant_slices_workspace(p, s);
+      return plan;
+    }
+  }
+  // Where the slice kernels do not apply, a request for them picks as kAuto does.
+  const InputKernel kind = p.kernel == InputKernel::kSlices ? InputKernel::kAuto : p.kernel;
+  if (kind == InputKernel::kMma || (kind == InputKernel::kAuto && p.m * p.k >= kMmaMinElements)) {
     const MmaLaunch mma = act_quant_mma_plan(p);
     const bool auto_ok = mma.tokens == kMmaTokens ||
                          (mma.tokens > 0 && p.m >= kMmaLongRowGroupsPerSm * mma.tokens * p.num_sms);
-    if (mma.tokens > 0 && (p.kernel == InputKernel::kMma || auto_ok)) {
+    if (mma.tokens > 0 && (kind == InputKernel::kMma || auto_ok)) {
       plan.mma_tokens = mma.tokens;
       plan.mma_split = mma.split;
       plan.mma_hold = mma.hold;
       return plan;
     }
   }
-  if (p.kernel != InputKernel::kSplit) {
+  if (kind != InputKernel::kSplit) {
     const RowsLaunch rows = act_quant_rows_plan(p);
     const bool low_m = rows.cluster || rows.tokens == 1;
-    if (rows.tokens > 0 && !(p.kernel == InputKernel::kAuto && low_m && p.m > 128 && p.k > 1024)) {
+    if (rows.tokens > 0 && !(kind == InputKernel::kAuto && low_m && p.m > 128 && p.k > 1024)) {
       plan.row_tokens = rows.tokens;
       plan.row_cluster = rows.cluster;
       plan.row_split = rows.split;
@@ -244,6 +267,9 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
 cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
+  if (plan.slice_tokens > 0)
+    return act_quant_slices(p, SliceLaunch{plan.slice_tokens, plan.slice_split, plan.slice_permute},
+                            p.chain && p.m <= kChainFirstKernelMaxM, stream);
   if (plan.mma_tokens > 0)
     return act_quant_mma(p, MmaLaunch{plan.mma_tokens, plan.mma_split, plan.mma_hold},
                          p.chain && p.m <= kChainFirstKernelMaxM, stream);

@@ -34,6 +34,10 @@ namespace duquant {
 namespace kernels {
 namespace {
 
+using act::code_bits;
+using act::mma_tf32;
+using act::to_tf32;
+
 constexpr int kMmaBlock = 16;  // the block size this kernel takes
 constexpr int kMaxMmaCluster = 8;
 
@@ -41,18 +45,6 @@ constexpr int kMaxMmaCluster = 8;
 // touches start 4 banks apart.
 __host__ __device__ constexpr int mma_pitch(int64_t k, int esz) {
   return static_cast<int>((k * esz + 127) / 128 * 128 + 16);
-}
-
-// v rounded to tf32 (nearest, ties away from zero, as cvt.rna.tf32.f32), in two integer
-// instructions: the conversion instruction runs on the quarter-rate conversion unit, and a block
-// needs 16 of them per lane.
-__device__ __forceinline__ uint32_t to_tf32(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
-
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // One 16-bit element of a staged row, as the tf32 (float32) bit pattern of its exact value.
@@ -153,19 +145,6 @@ __device__ __forceinline__ void for_warp_blocks(const unsigned char* xs, const u
     b += 2 * W;
     if (b >= end) break;
   }
-}
-
-// v / s, correctly rounded (as the reference divides), from the reciprocal and one residual.
-__device__ __forceinline__ float div_by_scale(float v, float s, float inv) {
-  const float q = v * inv;
-  return fmaf(fmaf(-q, s, v), inv, q);
-}
-
-// The code of v as the low byte of a float's bits: adding 1.5 * 2^23 rounds to an integer, half to
-// even like rintf, and leaves it two's-complement in the low mantissa bits (no float-to-int
-// conversion, another quarter-rate instruction).
-__device__ __forceinline__ uint32_t code_bits(float v, float s, float inv, float qmax) {
-  return __float_as_uint(fminf(fmaxf(div_by_scale(v, s, inv), -qmax - 1.f), qmax) + 12582912.f);
 }
 
 // Dynamic shared memory: the rows as read, [tokens][pitch], then the source-offset table of the

@@ -43,7 +43,7 @@ class KernelChoice {
   std::atomic<int> index_{0};
 };
 
-KernelChoice<4> g_input_kernel("input kernel", {"auto", "split", "rows", "mma"});  // kernels::InputKernel
+KernelChoice<5> g_input_kernel("input kernel", {"auto", "split", "rows", "mma", "slices"});  // kernels::InputKernel
 KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 // A process-wide split count for tests and benchmarks to force: 0 picks by size, 1..most forces.
@@ -65,6 +65,7 @@ class SplitCount {
 SplitCount g_gemm_splits("GEMM splits", 64);
 SplitCount g_input_splits("input splits", 8);
 std::atomic<int> g_last_input_splits{0};  // the tensor-core input kernel's cluster size, last launch
+std::atomic<int> g_last_input_kernel{-1};  // kernels::InputKernel of the last input launch, -1 before any
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
 
@@ -84,8 +85,15 @@ void note_gemm_tile_launched(int tile, int splits) {
   g_last_gemm_splits = splits;
 }
 int last_gemm_splits() { return g_last_gemm_splits.load(); }
-void note_input_splits_launched(int splits) { g_last_input_splits = splits; }
+void note_input_launched(int kernel, int splits) {
+  g_last_input_kernel = kernel;
+  g_last_input_splits = splits;
+}
 int last_input_splits() { return g_last_input_splits.load(); }
+std::string last_input_kernel() {
+  const int k = g_last_input_kernel.load();
+  return k < 0 ? std::string() : g_input_kernel.name_of(k);
+}
 std::string last_gemm_tile() {
   const int t = g_last_gemm_tile.load();
   return t < 0 ? std::string() : g_gemm_tile.name_of(t);

@@ -91,7 +91,14 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
     p.workspace = workspace.data_ptr();
   }
   check(kernels::act_quant(p, plan, ctx.stream), "input kernel launch");
-  note_input_splits_launched(plan.mma_tokens > 0 ? plan.mma_split : 0);
+  using kernels::InputKernel;
+  const InputKernel ran = plan.slice_tokens > 0 ? InputKernel::kSlices
+                          : plan.mma_tokens > 0 ? InputKernel::kMma
+                          : plan.row_tokens > 0 ? InputKernel::kRows
+                                                : InputKernel::kSplit;
+  note_input_launched(static_cast<int>(ran), plan.slice_tokens > 0 ? plan.slice_split
+                                             : plan.mma_tokens > 0 ? plan.mma_split
+                                                                   : 0);
 }
 
 torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {

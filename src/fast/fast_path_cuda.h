@@ -17,9 +17,9 @@ int gemm_tile_index();
 // Records the kernels::GemmTile an integer GEMM launch ran and its split count (last_gemm_tile(),
 // last_gemm_splits()).
 void note_gemm_tile_launched(int tile, int splits);
-// Records the tensor-core input kernel's cluster size of an input launch, 0 for the other kernels
-// (last_input_splits()).
-void note_input_splits_launched(int splits);
+// Records the kernels::InputKernel an input launch ran and its tensor-core kernel's cluster size, 0
+// for the other kernels (last_input_kernel(), last_input_splits()).
+void note_input_launched(int kernel, int splits);
 
 namespace cuda_fast {
 

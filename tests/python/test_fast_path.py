@@ -22,11 +22,12 @@ pytestmark = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["rows", "split", "mma"])
+@pytest.fixture(params=["rows", "split", "mma", "slices"])
 def input_kernel(request):
     """Runs a test with each input kernel: one kernel with whole rows in shared memory (1-16 tokens
-    per CTA, by M), the two passes over column chunks, and the rotation on tensor cores (float16 and
-    bfloat16 inputs with blocks of 16; the others fall back to what auto picks)."""
+    per CTA, by M), the two passes over column chunks, and the rotation on tensor cores, whole rows
+    a CTA or (Hopper) a permuted copy and slices of positions (float16 and bfloat16 inputs with
+    blocks of 16; the others fall back to what auto picks)."""
     dq._C.set_input_kernel(request.param)
     yield request.param
     dq._C.set_input_kernel("auto")
@@ -131,10 +132,32 @@ def test_input_codes_with_forced_cluster_split(dtype, m, k, splits):
     assert ran == (min(splits, k // 16 // 8, 8) if clusters else 1)
 
 
-def check_input_codes(dtype, m, k, block, static):
-    """The CUDA input kernels' codes and scales against the reference's, outputs poisoned two ways."""
-    x = outlier_input(m, k, dtype, seed=m + k)
-    perm = torch.randperm(k)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,static,permute,row_pad", [
+    (1, 256, False, True, 0), (33, 2048, False, True, 0), (300, 16384, False, True, 0),
+    (257, 4144, False, True, 0),   # 259 blocks: the last CTA of a cluster gets fewer (or none)
+    (4500, 1024, False, True, 0), (700, 2048, True, True, 0), (131, 16384, False, True, 0),
+    (100, 1024, False, False, 0),  # no permutation: x read in place, no copy
+    (70, 4144, False, False, 3),   # ... from rows that are not 16-byte aligned
+])
+def test_slice_kernels_codes(dtype, m, k, static, permute, row_pad):
+    """The slice kernels (Hopper; elsewhere "slices" picks as auto): a permuted copy of x, then 16-64
+    tokens a CTA over slices of positions; token counts that leave a CTA's last n-tiles empty."""
+    dq._C.set_input_kernel("slices")
+    try:
+        check_input_codes(dtype, m, k, 16, static, permute=permute, row_pad=row_pad)
+        ran = dq._C.last_input_kernel()
+    finally:
+        dq._C.set_input_kernel("auto")
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert ran == "slices"
+
+
+def check_input_codes(dtype, m, k, block, static, permute=True, row_pad=0):
+    """The CUDA input kernels' codes and scales against the reference's, outputs poisoned two ways.
+    row_pad > 0: x is a view of wider rows (a row stride that breaks 16-byte alignment)."""
+    x = outlier_input(m, k + row_pad, dtype, seed=m + k)[:, :k]
+    perm = torch.randperm(k) if permute else None
     r_in = torch.linalg.qr(torch.randn((k + block - 1) // block, block, block, dtype=torch.float64))[0].float()
     scale = torch.tensor([0.05]) if static else None
     for abits in (8, 4):
@@ -142,7 +165,8 @@ def check_input_codes(dtype, m, k, block, static):
         runs = []
         for byte in (0x5A, 0xA5):
             poison_next_allocation(((m, k), torch.int8), ((m,), torch.float32), byte=byte)
-            runs.append(torch.ops.duquant.quantize_input(x.cuda(), perm.cuda(), r_in.cuda(),
+            x_gpu = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device="cuda").copy_(x)
+            runs.append(torch.ops.duquant.quantize_input(x_gpu, None if perm is None else perm.cuda(), r_in.cuda(),
                                                          None if scale is None else scale.cuda(), abits))
         assert torch.equal(runs[0][0], runs[1][0]), "a code was never written (differs with the poison)"
         codes, scales = runs[0][0].cpu(), runs[0][1].cpu()

@@ -8,7 +8,7 @@ import pytest
 import duquant_ext as dq
 
 SWITCHES = [
-    (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "mma", "auto")),
+    (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "mma", "slices", "auto")),
     (dq._C.set_gemm_tile, dq._C.gemm_tile, ("stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv",
                                                   "gemv-direct", "auto")),
 ]
@@ -26,7 +26,7 @@ def test_round_trips_and_defaults_to_auto(setter, getter, names):
 
 
 def test_unknown_input_kernel_is_refused_and_changes_nothing():
-    with pytest.raises(RuntimeError, match=r'input kernel must be "auto", "split", "rows" or "mma", got "fused"'):
+    with pytest.raises(RuntimeError, match=r'input kernel must be "auto", "split", "rows", "mma" or "slices", got "fused"'):
         dq._C.set_input_kernel("fused")
     assert dq._C.input_kernel() == "auto"
 
@@ -59,10 +59,11 @@ def test_split_counts_round_trip_and_range(what, setter, getter, most):
         setter(0)
 
 
-def test_last_gemm_tile_is_empty_before_any_forward():
+def test_last_gemm_tile_and_input_kernel_are_empty_before_any_forward():
     """In a fresh process nothing has launched a GEMM yet (test_fast_path.py checks what it names
     after a forward)."""
     code = ("import duquant_ext as dq; "
-            "print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits(), dq._C.last_input_splits())))")
+            "print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits(), dq._C.last_input_splits(), "
+            "dq._C.last_input_kernel())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "('', 0, 0)", out.stdout + out.stderr
+    assert out.stdout.strip() == "('', 0, 0, '')", out.stdout + out.stderr

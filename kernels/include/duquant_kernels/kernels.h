@@ -25,8 +25,10 @@ struct InputTransform {
 // Which input kernels run: one kernel with whole rows in shared memory where a row fits on an SM
 // (kRows), the two passes spread over column chunks (kSplit), or the rotation on tensor cores
 // (kMma: float16/bfloat16 x, B = 16, codes; where it does not apply, kMma picks as kAuto does);
-// kAuto picks (act_quant.cu).
-enum class InputKernel : int { kAuto = 0, kSplit = 1, kRows = 2, kMma = 3 };
+// kSlices: a permuted copy of x, then the rotation on tensor cores over slices of positions with
+// the tokens as the mma's n dimension (the same inputs, Hopper; elsewhere as kAuto); kAuto picks
+// (act_quant.cu).
+enum class InputKernel : int { kAuto = 0, kSplit = 1, kRows = 2, kMma = 3, kSlices = 4 };
 
 struct ActQuantParams {
   const void* x = nullptr;          // [M, K] row-major, row stride x_stride elements
@@ -50,8 +52,8 @@ struct ActQuantParams {
   // cleared once the input is ready to read.
   int* clear = nullptr;
   int clear_count = 0;
-  // Scratch of ActQuantPlan::workspace_bytes for the two-pass kernels with dynamic scales: the
-  // rotated values and per-chunk maxima, between the passes.
+  // Scratch of ActQuantPlan::workspace_bytes: the two-pass kernels' rotated values and per-chunk
+  // maxima between the passes, or the slice kernels' permuted copy of x.
   void* workspace = nullptr;
 };
 
@@ -67,7 +69,10 @@ struct ActQuantPlan {
   int mma_tokens = 0;          // tokens per CTA of the tensor-core kernel; 0 = not that one
   int mma_split = 1;           // its CTAs of a cluster sharing each token group
   bool mma_hold = false;       // its warps keep their rotated blocks in registers (one pass)
-  size_t workspace_bytes = 0;  // scratch the two passes need with dynamic scales (else 0)
+  int slice_tokens = 0;        // tokens per CTA of the slice kernels (act_quant_slices.cu); 0 = not those
+  int slice_split = 1;         // their CTAs of a cluster sharing each token group's row
+  bool slice_permute = false;  // x~ = x[:, perm] copied to the workspace first
+  size_t workspace_bytes = 0;  // scratch: the two passes' with dynamic scales, or x~ (else 0)
 };
 ActQuantPlan act_quant_plan(const ActQuantParams& p);
 
