@@ -214,9 +214,11 @@ constexpr int64_t kMmaLongRowGroupsPerSm = 1;
 // than 2 per SM past M = 128 with rows longer than 1024 (M = 256, K = 4096: 21.3 us against 15.8).
 // The slice kernels (a permuted copy, then tokens as the mma's n dimension) under kAuto: for rows
 // too long for 16 tokens a CTA of the tensor-core kernel, from M = 256 on. Measured on an H200
-// (benchmarks/fast_path_breakdown.py), K = 16384: M = 256 47 us -> 35, M = 1024 142 -> 79, M =
-// 4096 515 -> 244; M = 64 31 against 18 for the row kernel. On shorter rows the copy costs more
-// than it saves (K = 2048, M = 4096: 38 against 26; K = 4096: 69 against 61).
+// (benchmarks/fast_path_breakdown.py), K = 16384: M = 256 47 us -> 35, M = 1024 141 -> 76, M =
+// 4096 513 -> 239; M = 64 31 against 18 for the row kernel. On shorter rows the mma kernel stays
+// faster (K = 2048, M = 4096: 26 against 38; K = 4096: 60 against 68): the copy alone takes 9.5
+// and 18 us there (3.5 TB/s), and the slice kernel issues on under half its cycles (ncu: 0.46 a
+// cycle per scheduler at K = 2048).
 constexpr int64_t kSliceMinTokens = 256;
 
 bool slices_by_size(const ActQuantParams& p) {
