@@ -9,7 +9,7 @@ void bind_fast_path(py::module_& m) {
   m.def("fast_path_built", &duquant::fast_path_built, "True when the library was built with its CUDA kernels.");
   m.def("set_input_kernel", &duquant::set_input_kernel, py::arg("which"),
         "Which input kernels the fast path runs, process-wide: \"auto\" (default), \"rows\" (one kernel, "
-        "whole rows in shared memory, wherever a row fits), \"split\" (two passes over column chunks) or \"mma\" "
+        "whole rows in shared memory, wherever a row fits), \"split\" (two passes over column chunks), \"mma\" "
         "(the rotation on tensor cores, for float16/bfloat16 inputs, block size 16 and int8 codes; elsewhere "
         "\"auto\") or \"slices\" (the same inputs on Hopper: a permuted copy of x, then the rotation on tensor "
         "cores over slices of positions, 16-64 tokens a CTA; elsewhere \"auto\").");

@@ -131,12 +131,12 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p);
 cudaError_t act_quant_mma(const ActQuantParams& p, const MmaLaunch& launch, bool chain, cudaStream_t stream);
 
 // act_quant_slices.cu: the tensor-core input side for many tokens (float16/bfloat16 x, B = 16,
-// codes, Hopper): x~ = x[:, perm] copied to scratch (`permute`), then TM tokens a CTA and a slice
-// of the positions, a cluster of `split` CTAs covering the row. tokens = 0: it does not apply.
+// codes, Hopper): x~ = x[:, perm] copied to scratch (where there is a permutation), then TM tokens
+// a CTA and a slice of the positions, a cluster of `split` CTAs covering the row. tokens = 0: it
+// does not apply.
 struct SliceLaunch {
   int tokens = 0;
   int split = 1;
-  bool permute = false;
 };
 SliceLaunch act_quant_slices_plan(const ActQuantParams& p);
 size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch& launch);  // x~'s bytes

@@ -232,7 +232,6 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
     if (s.tokens > 0) {
       plan.slice_tokens = s.tokens;
       plan.slice_split = s.split;
-      plan.slice_permute = s.permute;
       plan.workspace_bytes = act_quant_slices_workspace(p, s);
       return plan;
     }
@@ -270,7 +269,7 @@ cudaError_t act_quant(const ActQuantParams& p, const ActQuantPlan& plan, cudaStr
   if (p.m == 0) return cudaSuccess;
   const int block = p.transform.block;
   if (plan.slice_tokens > 0)
-    return act_quant_slices(p, SliceLaunch{plan.slice_tokens, plan.slice_split, plan.slice_permute},
+    return act_quant_slices(p, SliceLaunch{plan.slice_tokens, plan.slice_split},
                             p.chain && p.m <= kChainFirstKernelMaxM, stream);
   if (plan.mma_tokens > 0)
     return act_quant_mma(p, MmaLaunch{plan.mma_tokens, plan.mma_split, plan.mma_hold},

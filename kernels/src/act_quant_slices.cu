@@ -15,9 +15,10 @@
 //
 // Why: the one-kernel designs (act_quant_rows.cu, act_quant_mma.cu) stage whole rows, because the
 // permutation reads anywhere in a row. At K = 16384 that leaves 5-6 tokens a CTA: each CTA reads
-// the whole r_in (1 MB) for them and its 16-token mma tiles run mostly empty (H200, M = 4096: 528
+// the whole r_in (1 MB) for them and its 16-token mma tiles run mostly empty (H200, M = 4096: 513
 // us for x of 128 MB, which the memory moves in 27). Here the slice is contiguous, a CTA holds
-// 16-64 tokens at any K, and a warp's rotation fragments serve all of them.
+// 16-64 tokens (16 at K = 16384; none fit past K ~ 28000: the plan then returns none), and a
+// warp's rotation fragments serve all of them.
 //
 // The mma's k order within each 8-position step is permuted, A and B alike (logical k c <->
 // position 2c, c + 4 <-> 2c + 1), so a lane's two B values are one 32-bit word of x~.
@@ -355,58 +356,60 @@ cudaError_t launch_slices_tm(const ActQuantParams& p, const SliceLaunch& l, cons
   }
 }
 
+// The parameters the slice kernels take: 16-bit x, B = 16, no smoothing, codes (16-byte aligned).
+bool slices_take(const ActQuantParams& p) {
+  return p.x_dtype != DType::kFloat32 && p.transform.block == kBlock && p.transform.smooth == nullptr &&
+         p.transform.r_in != nullptr && p.abits >= 2 && p.abits <= 8 && p.codes != nullptr && p.k % kBlock == 0 &&
+         p.k >= kBlock && p.k <= 32768 && p.m >= 1 && reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
+}
+
 }  // namespace
 
 // Tokens per CTA and cluster size: the most tokens (64, 32, 16: fewer fetches and splits of the
 // rotation per code) whose slice fits two CTAs an SM at the smallest cluster, while the CTAs
-// still number at least the SMs; else the most CTAs.
+// still number at least the SMs. Else the most CTAs (fewer tokens on a tie), the row spread over
+// a larger cluster (at least a block per warp) toward the SM count. A larger cluster for 64 or 32
+// tokens before trying fewer lost where measured (K = 1024, M = 4096: 64 x 4 27 us, 16 x 1 18).
 SliceLaunch act_quant_slices_plan(const ActQuantParams& p) {
-  SliceLaunch none;
-  if (p.x_dtype == DType::kFloat32 || p.transform.block != kBlock || p.transform.smooth != nullptr || p.abits < 2 ||
-      p.abits > 8 || p.k % kBlock != 0 || p.k < kBlock || p.k > 32768 || p.m < 1 ||
-      reinterpret_cast<uintptr_t>(p.codes) % 16 != 0)
-    return none;
+  if (!slices_take(p)) return SliceLaunch{};
   const DeviceFacts& dev = device_facts();
-  if (!dev.known || !dev.clusters) return none;  // Hopper: long rows need a cluster to fit
+  if (!dev.known || !dev.clusters) return SliceLaunch{};  // Hopper: long rows need a cluster to fit
   SliceLaunch best;
   int64_t best_ctas = 0;
   for (int tm : kTokenTiles) {
-    for (int split = 1; split <= kMaxCluster; split *= 2) {
-      if (slice_smem_bytes(tm, p.k, split) > static_cast<size_t>(kSliceSmemBudget)) continue;
-      const int64_t ctas = (p.m + tm - 1) / tm * split;
-      if (ctas >= p.num_sms) return SliceLaunch{tm, split, p.transform.perm != nullptr};
-      if (ctas > best_ctas) {
-        best_ctas = ctas;
-        best = SliceLaunch{tm, split, p.transform.perm != nullptr};
-      }
-      break;  // the smallest cluster that fits; more CTAs come from fewer tokens first
+    int split = 1;
+    while (split <= kMaxCluster && slice_smem_bytes(tm, p.k, split) > static_cast<size_t>(kSliceSmemBudget)) split *= 2;
+    if (split > kMaxCluster) continue;
+    const int64_t ctas = (p.m + tm - 1) / tm * split;
+    if (ctas >= p.num_sms) return SliceLaunch{tm, split};
+    if (ctas >= best_ctas) {
+      best_ctas = ctas;
+      best = SliceLaunch{tm, split};
     }
   }
-  if (best.tokens == 0) return none;
-  // Fewer CTAs than SMs at 16 tokens: spread each row over a larger cluster.
-  for (int split = best.split * 2; split <= kMaxCluster && best_ctas < p.num_sms; split *= 2) {
-    if (slice_blocks(p.k, split) < kWarps) break;  // a block per warp at least
-    best.split = split;
-    best_ctas = (p.m + best.tokens - 1) / best.tokens * split;
+  while (best.tokens > 0 && best_ctas < p.num_sms && 2 * best.split <= kMaxCluster &&
+         slice_blocks(p.k, 2 * best.split) >= kWarps) {
+    best.split *= 2;
+    best_ctas *= 2;
   }
   return best;
 }
 
-size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch& l) {
-  return l.permute ? static_cast<size_t>(round16(p.m * p.k * 2)) : 0;
+size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch&) {
+  return p.transform.perm ? static_cast<size_t>(round16(p.m * p.k * 2)) : 0;
 }
 
 cudaError_t act_quant_slices(const ActQuantParams& p, const SliceLaunch& l, bool chain_first, cudaStream_t stream) {
   // A launch its plan would not make (a hand-built one): refused, not run with blocks unwritten.
-  if (l.split < 1 || l.split > kMaxCluster || (l.tokens != 16 && l.tokens != 32 && l.tokens != 64) ||
-      p.k % kBlock != 0 || p.k > 32768 || p.x_dtype == DType::kFloat32 || (l.permute && p.workspace == nullptr) ||
-      reinterpret_cast<uintptr_t>(p.codes) % 16 != 0 ||
+  const bool permute = p.transform.perm != nullptr;
+  if (!slices_take(p) || l.split < 1 || l.split > kMaxCluster || (l.tokens != 16 && l.tokens != 32 && l.tokens != 64) ||
+      (permute && (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0)) ||
       slice_smem_bytes(l.tokens, p.k, l.split) > static_cast<size_t>(kSliceSmemBudget))
     return cudaErrorInvalidValue;
   const void* xt = p.x;
   int64_t xt_stride = p.x_stride;
   bool chain = chain_first;
-  if (l.permute) {
+  if (permute) {
     constexpr auto kernel = permute_rows_kernel;
     const size_t smem = perm_smem_bytes(p.k);
     if (cudaError_t e = allow_dynamic_smem<kernel>(static_cast<int>(perm_smem_bytes(32768))); e != cudaSuccess)

@@ -91,6 +91,7 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
     p.workspace = workspace.data_ptr();
   }
   check(kernels::act_quant(p, plan, ctx.stream), "input kernel launch");
+  if (p.m == 0) return;  // nothing launched
   using kernels::InputKernel;
   const InputKernel ran = plan.slice_tokens > 0 ? InputKernel::kSlices
                           : plan.mma_tokens > 0 ? InputKernel::kMma

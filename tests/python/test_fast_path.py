@@ -135,10 +135,13 @@ def test_input_codes_with_forced_cluster_split(dtype, m, k, splits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,static,permute,row_pad", [
     (1, 256, False, True, 0), (33, 2048, False, True, 0), (300, 16384, False, True, 0),
-    (257, 4144, False, True, 0),   # 259 blocks: the last CTA of a cluster gets fewer (or none)
+    (257, 4144, False, True, 0),   # 259 blocks: the last CTA of a cluster gets fewer
     (4500, 1024, False, True, 0), (700, 2048, True, True, 0), (131, 16384, False, True, 0),
+    (300, 8192, False, True, 0),   # 32 tokens a CTA
+    (9000, 512, False, True, 0),   # 64 tokens a CTA, no cluster
     (100, 1024, False, False, 0),  # no permutation: x read in place, no copy
     (70, 4144, False, False, 3),   # ... from rows that are not 16-byte aligned
+    (70, 4144, False, True, 3),    # the copy from such rows (element loads)
 ])
 def test_slice_kernels_codes(dtype, m, k, static, permute, row_pad):
     """The slice kernels (Hopper; elsewhere "slices" picks as auto): a permuted copy of x, then 16-64

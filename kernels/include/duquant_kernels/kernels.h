@@ -71,7 +71,6 @@ struct ActQuantPlan {
   bool mma_hold = false;       // its warps keep their rotated blocks in registers (one pass)
   int slice_tokens = 0;        // tokens per CTA of the slice kernels (act_quant_slices.cu); 0 = not those
   int slice_split = 1;         // their CTAs of a cluster sharing each token group's row
-  bool slice_permute = false;  // x~ = x[:, perm] copied to the workspace first
   size_t workspace_bytes = 0;  // scratch: the two passes' with dynamic scales, or x~ (else 0)
 };
 ActQuantPlan act_quant_plan(const ActQuantParams& p);
