@@ -16,6 +16,8 @@ import torch
 import duquant_ext as dq
 
 SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
+# The action expert's layers (benchmarks/action_expert_e2e.py: q, k/v, o, gate/up, down), --shapes expert
+EXPERT_SHAPES = [(1024, 2048), (1024, 256), (2048, 1024), (1024, 4096), (4096, 1024)]
 
 
 def graph_time_us(fn, calls, repeats):
@@ -50,20 +52,23 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--shapes", default="",
+                    help='"expert" for the action expert\'s layers, or K:N pairs, comma-separated (default: LLM shapes)')
     ap.add_argument("--input-splits", default="",
                     help="time only the tensor-core input kernel, with these cluster sizes forced (comma-separated)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
         return
+    shapes = parse_shapes(args.shapes)
     if args.input_splits:
-        input_split_table(args, [int(v) for v in args.input_splits.split(",")])
+        input_split_table(args, [int(v) for v in args.input_splits.split(",")], shapes)
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, wbits={args.wbits}")
     print(f"{'K->N':>12} {'M':>5} {'in:rows':>8} {'in:split':>8} {'in:mma':>8} {'in:slices':>9} {'input':>8} "
           f"{'ran':>6} {'layer':>8} {'gemm~':>8} "
           f"{'bf16':>8} {'bf16/layer':>10}")
-    for k, n in SHAPES:
+    for k, n in shapes:
         lin = torch.nn.Linear(k, n, bias=False)
         layer = dq.DuQuantLinear.from_linear(lin, dq.Config(wbits=args.wbits)).cuda()
         lin_bf16 = lin.to(device="cuda", dtype=torch.bfloat16)
@@ -84,12 +89,23 @@ def main():
                   f"{t_layer:>8.1f} {t_layer - t_in['auto']:>8.1f} {t_bf16:>8.1f} {t_bf16 / t_layer:>10.2f}", flush=True)
 
 
-def input_split_table(args, splits):
+def parse_shapes(text):
+    if not text:
+        return SHAPES
+    if text == "expert":
+        return EXPERT_SHAPES
+    try:
+        return [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
+    except ValueError:
+        raise SystemExit(f'--shapes: expected "expert" or K:N pairs like 4096:1024,1024:256, got {text!r}')
+
+
+def input_split_table(args, splits, shapes_kn):
     """in:mma µs per call with each cluster size forced (_C.set_input_splits), against the size's own pick."""
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; the tensor-core input kernel (in:mma), "
           f"µs per call, cluster size forced; auto = its own pick; /n: ran with n")
     print(f"{'K':>6} {'M':>5} " + " ".join(f"{'split ' + str(s):>8}" for s in splits) + f" {'auto':>8}")
-    shapes = dict.fromkeys(k for k, _ in SHAPES)
+    shapes = dict.fromkeys(k for k, _ in shapes_kn)
     try:
         dq._C.set_input_kernel("mma")
         for k in shapes:

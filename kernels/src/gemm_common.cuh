@@ -257,6 +257,70 @@ __device__ __forceinline__ void restore_quad(const float* tile_f, const float* r
   }
 }
 
+// The restore at Bo = 16 (the default block) with each thread's R_out columns in registers, for
+// kernels with registers to spare after their main loop (the wgmma kernel's consumers). A warp
+// owns one 16-column block and walks its rows 8 at a time, lane = 4 x row + column quad: a row's
+// 16 y'' values are 4 broadcast float4 reads (the 8 rows in distinct banks), then 64 FMAs, q
+// ascending as in restore_quad, so the outputs are bit for bit those of restore_bias_store. Its
+// per-item index arithmetic and R_out re-reads made the 128 x 256 wgmma tile's epilogue take
+// longer than its main loop (2048->16384 at M = 4096 on an H200: 154 of 384 us restoring).
+// tile_f and ep as restore_bias_store; rows past p.m are skipped.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void restore16_bias_store(const IntGemmParams& p, int64_t m0, int64_t n0,
+                                                     const float* tile_f, const Epilogue<BM, BN>& ep) {
+  constexpr int STRIDE = Epilogue<BM, BN>::kStride;
+  constexpr int WARPS = THREADS / 32, BLOCKS = BN / 16;
+  static_assert(BN % 16 == 0 && BM % 8 == 0 && (WARPS % BLOCKS == 0 || BLOCKS % WARPS == 0),
+                "warps split evenly over the tile's 16-column blocks");
+  constexpr int WPB = WARPS >= BLOCKS ? WARPS / BLOCKS : 1;  // warps sharing a block's rows
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad = lane % 4, row_in = lane / 4;
+  const bool whole = p.n % 4 == 0;  // then 4 outputs in one aligned store
+  for (int blk = warp / WPB; blk < BLOCKS; blk += WARPS / WPB) {
+    const int c0 = 16 * blk + 4 * quad;
+    float4 r[16];  // R_out[q][c0 - 16 blk .. + 3]
+#pragma unroll
+    for (int q = 0; q < 16; ++q) r[q] = *reinterpret_cast<const float4*>(ep.r + 16 * 16 * blk + 16 * q + 4 * quad);
+    float b[4] = {0.f, 0.f, 0.f, 0.f};
+    if (p.bias) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ep.bias[c0 + j];
+    }
+    const int64_t gn0 = n0 + c0;
+    if (gn0 >= p.n) continue;
+    const bool full = whole && gn0 + 3 < p.n;
+#pragma unroll 2
+    for (int row = 8 * (warp % WPB) + row_in; row < BM; row += 8 * WPB) {
+      const int64_t gm = m0 + row;
+      if (gm >= p.m) break;  // rows ascend
+      const float4* y = reinterpret_cast<const float4*>(tile_f + row * STRIDE + 16 * blk);
+      float out[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int q4 = 0; q4 < 4; ++q4) {
+        const float4 v = y[q4];
+        const float ys[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const float4 rq = r[4 * q4 + s];
+          out[0] = fmaf(ys[s], rq.x, out[0]);
+          out[1] = fmaf(ys[s], rq.y, out[1]);
+          out[2] = fmaf(ys[s], rq.z, out[2]);
+          out[3] = fmaf(ys[s], rq.w, out[3]);
+        }
+      }
+      if (p.bias) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j] += b[j];
+      }
+      if (full) {
+        store_out4(p.y, p.out_dtype, gm * p.n + gn0, out);
+      } else {
+        for (int j = 0; j < 4 && gn0 + j < p.n; ++j) store_out(p.y, p.out_dtype, gm * p.n + gn0 + j, out[j]);
+      }
+    }
+  }
+}
+
 // tile_f[BM][kStride] holds y'' (padding rows/columns exact zeros); writes
 // y = restore(y'') + bias in the output dtype.
 template <int BM, int BN, int THREADS>
