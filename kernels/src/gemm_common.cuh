@@ -258,7 +258,7 @@ __device__ __forceinline__ void restore_quad(const float* tile_f, const float* r
 }
 
 // The restore at Bo = 16 (the default block) with each thread's R_out columns in registers, for
-// kernels with registers to spare after their main loop (the wgmma kernel's consumers). A warp
+// tiles of many rows (the wgmma kernel, the 64x64 and 128x128 mma.sync tiles). A warp
 // owns one 16-column block and walks its rows 8 at a time, lane = 4 x row + column quad: a row's
 // 16 y'' values are 4 broadcast float4 reads (the 8 rows in distinct banks), then 64 FMAs, q
 // ascending as in restore_quad, so the outputs are bit for bit those of restore_bias_store. Its

@@ -322,22 +322,23 @@ def test_wgmma_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm):
 @pytest.mark.parametrize("m,n,k,bias", [(300, 1000, 2048, True), (257, 1002, 1024, True), (129, 136, 512, False)],
                          ids=["m300", "n-not-quads", "no-bias"])
 def test_wgmma_epilogue_matches_tiles_bitwise(m, n, k, bias, dtype, tile, splits, forced_gemm):
-    """The wgmma kernel restores 16-column blocks with R_out in registers (restore16_bias_store), the
-    mma.sync tiles with restore_bias_store: the same float operations in the same order, so equal
-    outputs bit for bit, in every output dtype, with and without bias, where N leaves a partial
-    column quad, split over a cluster or not. Outputs poisoned first."""
+    """The wgmma kernel (and the 64x64 tiles) restore 16-column blocks with R_out in registers
+    (restore16_bias_store), the 32x32 tiles with restore_bias_store: the same float operations in
+    the same order, so equal outputs bit for bit, in every output dtype, with and without bias,
+    where N leaves a partial column quad, split over a cluster or not. Outputs poisoned first."""
     if not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, bias, seed=m + n), dq.Config()).cuda()
     x = outlier_input(m, k, dtype, seed=m).cuda()
     outputs = {}
-    for which, count in ((tile, splits), ("64x64", 1)):
+    for which, count in ((tile, splits), ("64x64", 1), ("32x32", 1)):
         forced_gemm(which, count)
         poison_next_allocation(((m, n), dtype))
         outputs[which] = layer(x)
         assert (dq._C.last_gemm_tile(), dq._C.last_gemm_splits()) == (which, count)
     assert torch.isfinite(outputs[tile]).all(), "an output element was never written"
-    assert torch.equal(outputs[tile], outputs["64x64"]), "the wgmma and mma.sync epilogues differ"
+    assert torch.equal(outputs[tile], outputs["32x32"]), "the wgmma and restore_bias_store epilogues differ"
+    assert torch.equal(outputs["64x64"], outputs["32x32"]), "the 64x64 and 32x32 tiles' epilogues differ"
 
 
 @pytest.mark.parametrize("tile", ["gemv", "gemv-direct"])
