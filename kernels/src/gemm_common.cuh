@@ -384,6 +384,24 @@ __device__ __forceinline__ void restore_bias_store(const IntGemmParams& p, int64
   }
 }
 
+// restore_bias_store, the way that suits the tile: R_out in registers (restore16_bias_store) for
+// Bo = 16 where each thread restores 2 rows or more, the quads (restore_bias_store) elsewhere: in
+// smaller tiles a thread would load its 16 R_out rows for one output row. Bit for bit the same.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void restore_bias_store_best(const IntGemmParams& p, int64_t m0, int64_t n0,
+                                                        const float* tile_f, const Epilogue<BM, BN>& ep) {
+  constexpr int WARPS = THREADS / 32, BLOCKS = BN / 16;
+  constexpr bool kFits = BN % 16 == 0 && BM % 8 == 0 && (WARPS % BLOCKS == 0 || BLOCKS % WARPS == 0);
+  constexpr int kRowsPerThread = kFits ? BM / (8 * (WARPS >= BLOCKS ? WARPS / BLOCKS : 1)) : 0;
+  if constexpr (kRowsPerThread >= 2) {
+    if (p.r_out && p.block_out == 16) {
+      restore16_bias_store<BM, BN, THREADS>(p, m0, n0, tile_f, ep);
+      return;
+    }
+  }
+  restore_bias_store<BM, BN, THREADS>(p, m0, n0, tile_f, ep);
+}
+
 // Split-k: the CTAs along grid z share an output tile's k range, `stages` pipeline stages each.
 struct SplitK {
   int stages = 0;

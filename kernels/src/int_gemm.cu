@@ -165,12 +165,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThre
     }
   }
   __syncthreads();
-  // R_out in registers pays where a warp restores many rows (64 and 128 rows a tile): in the small
-  // tiles each thread would load its 16 R_out rows for one or two output rows.
-  if (BM >= 64 && p.r_out && p.block_out == 16)
-    restore16_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
-  else
-    restore_bias_store<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);
+  restore_bias_store_best<BM, BN, T::kThreads>(p, m0, n0, tile_f, ep);  // 64x64, 128x128: R_out in registers
 }
 
 // The wgmma kernel where this build has it (int_gemm_wgmma.cu) and the device and weights suit it.

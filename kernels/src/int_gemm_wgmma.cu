@@ -278,8 +278,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < 4; ++e)
         fn(8 * j + 2 * t + (e & 1), wg * 64 + wq * 16 + g + (e >= 2 ? 8 : 0), acc[4 * j + e] >> 4);
   };
-  // The restore: R_out blocks of 16 (the default) from registers (restore16_bias_store).
-  const bool restore16 = p.r_out && p.block_out == 16;
   if constexpr (SPLIT == 1) {
     // y'' = s_t s_n sum, the weight scales in registers and the tile declared apart from the token
     // scales: otherwise every store to it (which might alias them) forced both to be read again.
@@ -291,10 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       out[tok * Epi::kStride + f] = static_cast<float>(sum) * st[tok] * sn[f == f0 ? 0 : 1];
     });
     named_sync_consumers();
-    if (restore16)
-      restore16_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
-    else
-      restore_bias_store<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
+    restore_bias_store_best<TN, kFeat, kConsumers>(p, m0, n0, tile_f, ep);
   } else {
     // The partial sums, then the cluster's meeting point.
     int* tile_i = reinterpret_cast<int*>(smem);
@@ -325,10 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_sync_consumers();
     cluster.barrier_arrive();  // done reading the other CTAs' partials
     const Epilogue<kRows, kFeat> mine(ep.st + r0, ep.sn, ep.bias, ep.r);
-    if (restore16)
-      restore16_bias_store<kRows, kFeat, kConsumers>(p, m0 + r0, n0, tile_f + r0 * Epi::kStride, mine);
-    else
-      restore_bias_store<kRows, kFeat, kConsumers>(p, m0 + r0, n0, tile_f + r0 * Epi::kStride, mine);
+    restore_bias_store_best<kRows, kFeat, kConsumers>(p, m0 + r0, n0, tile_f + r0 * Epi::kStride, mine);
     cluster.barrier_wait();  // and they with this one's: its shared memory may go
   }
 #else
