@@ -6,6 +6,7 @@ whole layer (input + GEMM) and bf16 nn.Linear, per shape and token count. CUDA g
 back-to-back calls, median of `--repeats` replays. A tuning aid; benchmarks/linear_speed.py is the benchmark of record.
 
     PYTHONPATH=build/python python3 benchmarks/fast_path_breakdown.py [--m 1,16,256,4096]
+        [--shapes expert | --shapes 4096:1024,1024:256]   (default: the LLM shapes)
         [--input-splits 1,2,4,8]   (instead: the tensor-core input kernel with each cluster size forced)
 """
 import argparse
