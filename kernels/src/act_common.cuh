@@ -42,6 +42,36 @@ __device__ __forceinline__ int8_t to_code(float v, float scale, float qmax) {
 // needs 16 of them per lane.
 __device__ __forceinline__ uint32_t to_tf32(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
 
+// A rotation entry as two tf32 parts, v = hi + lo up to 2^-22 of v: x·R = x·lo + x·hi on tf32 MMAs.
+__device__ __forceinline__ void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(v);
+  lo = to_tf32(v - __uint_as_float(hi));
+}
+
+// Stages `rows` rows of 16-bit values, `row_bytes` each (`stride` bytes apart from src), into shared
+// memory `pitch` bytes apart, by the CTA's THREADS threads: 16-byte asynchronous copies where src
+// allows, else element by element. Returns once they have landed (the caller syncs the CTA).
+template <int THREADS>
+__device__ __forceinline__ void stage_rows16(unsigned char* dst, int pitch, const unsigned char* src, int64_t stride,
+                                             int rows, int row_bytes) {
+  const int tid = threadIdx.x;
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && stride % 16 == 0 && row_bytes % 16 == 0) {
+    const int chunks = row_bytes / 16;
+    for (int i = tid; i < rows * chunks; i += THREADS) {
+      const int r = i / chunks, q = i - r * chunks;
+      const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * pitch + 16 * q));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src + r * stride + 16 * q));
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  } else {
+    const int elems = row_bytes / 2;
+    for (int i = tid; i < rows * elems; i += THREADS) {
+      const int r = i / elems, q = i - r * elems;
+      reinterpret_cast<unsigned short*>(dst + r * pitch)[q] = reinterpret_cast<const unsigned short*>(src + r * stride)[q];
+    }
+  }
+}
+
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -139,7 +169,7 @@ struct SliceLaunch {
   int split = 1;
 };
 SliceLaunch act_quant_slices_plan(const ActQuantParams& p);
-size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch& launch);  // x~'s bytes
+size_t act_quant_slices_workspace(const ActQuantParams& p);  // x~'s bytes
 cudaError_t act_quant_slices(const ActQuantParams& p, const SliceLaunch& launch, bool chain_first, cudaStream_t stream);
 
 }  // namespace kernels

@@ -232,7 +232,7 @@ ActQuantPlan act_quant_plan(const ActQuantParams& p) {
     if (s.tokens > 0) {
       plan.slice_tokens = s.tokens;
       plan.slice_split = s.split;
-      plan.workspace_bytes = act_quant_slices_workspace(p, s);
+      plan.workspace_bytes = act_quant_slices_workspace(p);
       return plan;
     }
   }

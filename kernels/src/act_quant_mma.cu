@@ -36,7 +36,6 @@ namespace {
 
 using act::code_bits;
 using act::mma_tf32;
-using act::to_tf32;
 
 constexpr int kMmaBlock = 16;  // the block size this kernel takes
 constexpr int kMaxMmaCluster = 8;
@@ -88,8 +87,7 @@ __device__ __forceinline__ void rotate_block(const unsigned char* xs, const Bloc
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        hi[ks][nt][h] = to_tf32(in.r[ks][nt][h]);
-        lo[ks][nt][h] = to_tf32(in.r[ks][nt][h] - __uint_as_float(hi[ks][nt][h]));
+        act::split_tf32(in.r[ks][nt][h], hi[ks][nt][h], lo[ks][nt][h]);
       }
   const int off[2][2] = {{static_cast<int>(src.x & 0xffffu), static_cast<int>(src.x >> 16)},
                          {static_cast<int>(src.y & 0xffffu), static_cast<int>(src.y >> 16)}};
@@ -196,20 +194,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   // Stage the rows: 16-byte asynchronous copies where x allows, else element by element.
   const char* xg = static_cast<const char*>(p.x) + row0 * p.x_stride * ESZ;
   const int64_t row_stride = p.x_stride * ESZ;
-  if (reinterpret_cast<uintptr_t>(xg) % 16 == 0 && row_stride % 16 == 0 && (k * ESZ) % 16 == 0) {
-    const int per_row = k * ESZ / 16;
-    for (int r = 0; r < rows; ++r)
-      for (int i = tid; i < per_row; i += NT) {
-        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem + r * pitch + 16 * i));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(xg + r * row_stride + 16 * i));
-      }
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-  } else {
-    for (int r = 0; r < rows; ++r)
-      for (int i = tid; i < k; i += NT)
-        reinterpret_cast<unsigned short*>(smem + r * pitch)[i] =
-            reinterpret_cast<const unsigned short*>(xg + r * row_stride)[i];
-  }
+  act::stage_rows16<NT>(smem, pitch, reinterpret_cast<const unsigned char*>(xg), row_stride, rows, k * ESZ);
   __syncthreads();
 
   const int g = lane >> 2, c = lane & 3;

@@ -34,7 +34,6 @@ namespace {
 
 using act::code_bits;
 using act::mma_tf32;
-using act::to_tf32;
 
 constexpr int kBlock = 16;  // the block size this path takes
 constexpr int kWarps = 8;
@@ -148,8 +147,7 @@ __device__ __forceinline__ SplitRot split_rot(const RotFrag& f) {
   for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      s.hi[ks][i] = to_tf32(f.r[ks][i]);
-      s.lo[ks][i] = to_tf32(f.r[ks][i] - __uint_as_float(s.hi[ks][i]));
+      act::split_tf32(f.r[ks][i], s.hi[ks][i], s.lo[ks][i]);
     }
   return s;
 }
@@ -222,22 +220,7 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
   // permutation may not be: element copies then).
   {
     const auto* src = static_cast<const unsigned char*>(xt) + (row0 * xt_stride + b_begin * kBlock) * 2;
-    const int64_t stride = xt_stride * 2;
-    const int chunks = nblk * 2;  // 16-byte chunks of a row's slice
-    if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && stride % 16 == 0) {
-      for (int i = tid; i < rows * chunks; i += kThreads) {
-        const int r = i / chunks, q = i - r * chunks;
-        const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem + r * pitch + 16 * q));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src + r * stride + 16 * q));
-      }
-      asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-    } else {
-      for (int i = tid; i < rows * nblk * kBlock; i += kThreads) {
-        const int r = i / (nblk * kBlock), q = i - r * (nblk * kBlock);
-        reinterpret_cast<unsigned short*>(smem + r * pitch)[q] =
-            reinterpret_cast<const unsigned short*>(src + r * stride)[q];
-      }
-    }
+    act::stage_rows16<kThreads>(smem, pitch, src, xt_stride * 2, rows, nblk * kBlock * 2);
   }
   __syncthreads();
   // Rows past the tokens are read by the B fragments of the last n-tiles: their columns of x' are
@@ -395,7 +378,7 @@ SliceLaunch act_quant_slices_plan(const ActQuantParams& p) {
   return best;
 }
 
-size_t act_quant_slices_workspace(const ActQuantParams& p, const SliceLaunch&) {
+size_t act_quant_slices_workspace(const ActQuantParams& p) {
   return p.transform.perm ? static_cast<size_t>(round16(p.m * p.k * 2)) : 0;
 }
 
