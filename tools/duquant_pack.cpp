@@ -54,7 +54,7 @@ struct Options {
   std::vector<std::string> wbits_for;
   duquant::Config config;
   std::string row_rot = "restore", act = "dynamic", device = "cpu";
-  bool no_permute = false, dry_run = false, copy_rest = false;
+  bool no_permute = false, dry_run = false, copy_rest = false, no_share_inputs = false;
 };
 
 duquant::Config config_from(const Options& o) {
@@ -171,6 +171,9 @@ int run(int argc, char** argv) {
   app.add_option("--block", o.config.block_size, "input rotation block size B")->capture_default_str();
   app.add_option("--block-out", o.config.block_out, "output rotation block size (0 = B)")->capture_default_str();
   app.add_flag("--no-permute", o.no_permute, "no energy-interleaving channel permutation");
+  app.add_flag("--no-share-inputs", o.no_share_inputs,
+               "pack q/k/v_proj, gate/up_proj (siblings reading one input) alone, not with one shared input "
+               "transform (shared: their input is quantized once at run time)");
   app.add_option("--ls", o.config.ls, "energy smoothing (kept for compatibility)")->capture_default_str();
   app.add_option("--row-rot", o.row_rot, "restore | none")->capture_default_str();
   app.add_option("--act", o.act, "dynamic | static | static_channel")->capture_default_str();
@@ -217,6 +220,7 @@ int run(int argc, char** argv) {
   ProgressBar bar("packed", todo.size());
   duquant::PackModelOptions pack_options;
   pack_options.device = device;
+  pack_options.share_inputs = !o.no_share_inputs;
   std::vector<double> errors(todo.size(), 0.0);
   // Measured while each weight is still on the device, not after (that would move it twice).
   pack_options.on_packed = [&](size_t i, const torch::Tensor& weight, const duquant::LayerPack& pack) {

@@ -32,6 +32,15 @@ LayerPack kernel_operands(const LayerPack& layer, const std::string& where = "du
 // reference path otherwise. x: [..., K] float32/float16/bfloat16; the result has x's dtype.
 torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, bool quantize_acts = true);
 
+// y = layer(x) from x's activation codes [T, K] int8 and per-token scales [T] float32, as
+// quantize_input made them with this layer's input transform (T = x's tokens; x gives the output's
+// dtype and shape). Lets layers with one shared input transform (pack_linears' input groups)
+// quantize their common input once. Fast path on CUDA where the layer allows it, otherwise the
+// reference's matmul, restore and bias on the dequantized codes. Throws std::invalid_argument on
+// shapes, dtypes or devices that do not fit, and for weight-only layers.
+torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                                const LayerPack& layer);
+
 // Which input kernels the fast path runs, process-wide, for comparing them in tests and benchmarks:
 // "auto" (the default: one kernel holding whole rows in shared memory where a row fits on an SM,
 // the two-pass kernels otherwise, the tensor-core kernels at large M), "rows" (the one-kernel path

@@ -17,14 +17,26 @@ namespace duquant {
 LayerPack pack_linear(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, const Config& config,
                       const std::string& where = "weight");
 
+// One input transform for sibling layers that read the same activations (q/k/v, gate/up): the
+// permutation and input block rotations (float64, [K] and [nb, B, B]) computed from their weights
+// stacked by rows. Each sibling packed with it (pack_weight_stack's `shared`) quantizes the same x
+// to the same codes, so the fast path can quantize x once for all of them.
+struct SharedInputTransform {
+  torch::Tensor perm;  // int64 [K], undefined without config.permute
+  torch::Tensor r_in;  // float64 [ceil(K/B), B, B]
+};
+// w: float64 [N1 + N2 + ..., K], the siblings' weights concatenated along rows.
+SharedInputTransform shared_input_transform(const torch::Tensor& w, const Config& config);
+
 // The packer over a stack of L layers of one shape and config: weights float64 [L, N, K] on one
 // device, `biases` L tensors [N] or undefined. Every step runs batched over the stack (one eigensolver
 // call per side and block width), so grouping equal layers costs one pass instead of L. A layer's
 // pack is bit-identical whether it is packed alone (pack_linear is the L = 1 case) or in a stack on
 // the CPU; on CUDA, batched reductions may round differently. Packs land on the weights' device.
 // Inputs are not checked here: run check_linear_weight on every layer first.
+// With `shared`, every layer of the stack takes that input transform instead of its own.
 std::vector<LayerPack> pack_weight_stack(const torch::Tensor& weights, const std::vector<torch::Tensor>& biases,
-                                         const Config& config);
+                                         const Config& config, const SharedInputTransform* shared = nullptr);
 
 // What pack_linear refuses, without packing: rank, dtype, empty weight, bias shape/dtype/device,
 // NaN/Inf in the bias and (when check_weight_values) in the weight. Throws std::invalid_argument

@@ -23,6 +23,11 @@ struct LinearToPack {
   torch::Tensor weight;               // [N, K] float32/float16/bfloat16/float64, any device
   c10::optional<torch::Tensor> bias;  // [N] or none
   Config config;
+  // Layers with the same non-empty input_group read the same activations (q/k/v of one attention,
+  // gate/up of one MLP): they get one input transform, computed from their weights stacked by rows
+  // (shared_input_transform), so the fast path quantizes their input once. They must agree on
+  // in_features, config and device.
+  std::string input_group;
 };
 
 struct PackModelOptions {
@@ -36,12 +41,23 @@ struct PackModelOptions {
   // [N, K] on the packing device) and its pack: lets a caller check the result against the float
   // weight (duquant-pack's output error) without moving the weight to the device a second time.
   std::function<void(size_t index, const torch::Tensor& weight, const LayerPack& pack)> on_packed;
+  // Layers without an input_group that are siblings reading one input (kSiblingSets: children of
+  // one module named q_proj/k_proj/v_proj, gate_proj/up_proj, ...) with equal in_features, config
+  // and device, and dynamic activation quantization, are packed as one input group.
+  bool share_inputs = false;
 };
+
+// Names of children of one module that read the same input, one set per line of model code that
+// feeds them: attention projections and gated MLPs in the common naming schemes.
+extern const std::vector<std::vector<std::string>> kSiblingSets;
+
+// The input groups share_inputs forms from names: "" for layers in none, else "<parent>:<set>".
+std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& layers, const PackModelOptions& options);
 
 // Called after each layer is packed: (layers done, total layers, name of the layer just done).
 using PackProgress = std::function<void(size_t done, size_t total, const std::string& name)>;
 
-// Packs every layer; the result is in the order of `layers`, each pack equal to
+// Packs every layer; the result is in the order of `layers`, each pack (outside input groups) equal to
 // pack_linear(weight, bias, config, name) (bit-identical on the CPU; on CUDA within the rounding of
 // batched reductions). All layers are checked (shapes, dtypes, configs, unique names) before any
 // packing starts. Errors are std::invalid_argument (bad input) or std::runtime_error (a failure

@@ -20,6 +20,7 @@ from .quantize import (  # noqa: F401
     select_linear_layers,
 )
 from .pack import LoadReport, load_pack, save_pack  # noqa: F401
+from .shared_input import link_shared_inputs  # noqa: F401
 from .env import EnvError, EnvReport, EnvSettings, config_from_env, enable_from_env, settings_from_env  # noqa: F401
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "finish_calibration",
     "DEFAULT_INCLUDE",
     "DEFAULT_EXCLUDE",
+    "link_shared_inputs",
     "save_pack",
     "load_pack",
     "LoadReport",

@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from . import _C
+from .shared_input import _compiling
 
 _BUFFERS = tuple(_C.LAYER_TENSOR_NAMES)  # the library's one list (kLayerTensorFields, layer_pack.h)
 # Buffers whose dtype is part of the format: .half()/.to(dtype) must not convert them.
 _FLOAT32_BUFFERS = ("qweight", "w_scale", "r_in", "r_out", "bias", "act_scale")
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class DuQuantLinear(nn.Module):
@@ -61,6 +63,7 @@ class DuQuantLinear(nn.Module):
         for name in _BUFFERS:
             self.register_buffer(name, getattr(pack, name))
         self._known_calibrated = not self.config.needs_calibration
+        self._input_share = None  # a SharedInput when siblings share this input transform (shared_input.py)
 
     # ---- calibration (static act modes) --------------------------------------------------------
     @property
@@ -103,6 +106,14 @@ class DuQuantLinear(nn.Module):
                 self.config.act, self.config.act_pct, self.config.calib_steps)
             quantize_acts = False  # this batch was a calibration batch
         wbits, abits, act = self._op_args
+        share = self._input_share
+        if (share is not None and quantize_acts and x.is_cuda and x.dtype in _INPUT_DTYPES and x.dim() >= 1
+                and x.shape[-1] == self.in_features and not _compiling()):
+            # Siblings with this input transform (q/k/v, gate/up) quantize a common input once.
+            codes, scales = share.codes_for(self, x)
+            return torch.ops.duquant.linear_codes(
+                codes, scales, x, self.qweight, self.w_scale, self.r_in, self.r_out, self.bias, self.in_features,
+                wbits, abits)
         return torch.ops.duquant.linear(
             x, self.qweight, self.w_scale, self.perm, self.r_in, self.r_out, self.bias, self.act_scale,
             self.in_features, wbits, abits, act, quantize_acts)
@@ -131,12 +142,16 @@ class DuQuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._known_calibrated = not self.config.needs_calibration
+        # The loaded transform may differ from the siblings': quantize alone (link_shared_inputs relinks).
+        self._input_share = None
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
              f"bias={self.bias is not None}, {self.config.describe()}, path={self.execution_path}")
         if self.config.needs_calibration:
             s += ", calibrated=" + ("true" if self._known_calibrated else "pending")
+        if self._input_share is not None:
+            s += f", input quantized once for {self._input_share.size} sibling layers"
         return s
 
     def nbytes(self) -> int:

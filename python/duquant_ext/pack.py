@@ -21,6 +21,7 @@ from torch import nn
 from . import _C
 from .nn import _BUFFERS, DuQuantLinear
 from .quantize import _set_submodule
+from .shared_input import link_shared_inputs
 from ._report import LayerListReport
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -180,6 +181,8 @@ def load_pack(model: nn.Module, path: Union[PathLike, _C.PackFile], config: Conf
             _set_submodule(model, name, DuQuantLinear.from_pack(pack))
             action = "swapped"
         report.layers.append(LoadedLayer(name, pack.in_features, pack.out_features, pack.config, action, str(target)))
+    if loaded:
+        link_shared_inputs(model)  # siblings packed with one input transform quantize their input once
     return report
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import _C
 from .nn import DuQuantLinear, layer_bytes
+from .shared_input import link_shared_inputs
 from ._report import LayerListReport
 
 # The prototype's selection. Patterns match whole dotted path segments of the module's name.
@@ -16,7 +17,6 @@ DEFAULT_INCLUDE = r"(?:^|\.)(?:q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate
 DEFAULT_EXCLUDE = r"(?:^|\.)(?:norm|ln|layernorm|emb)(?:\.|$)"
 
 Pattern = Union[str, "re.Pattern[str]", None]
-
 
 @dataclass
 class LayerReport:
@@ -33,6 +33,7 @@ class QuantizeReport(LayerListReport):
 
     config: _C.Config
     layers: List[LayerReport] = field(default_factory=list)
+    shared_inputs: List[List[str]] = field(default_factory=list)  # layers that quantize one input once
 
     @property
     def bytes_before(self) -> int:
@@ -50,6 +51,9 @@ class QuantizeReport(LayerListReport):
                          f"{layer.bytes_before / 1e6:9.3f} MB -> {layer.bytes_after / 1e6:8.3f} MB")
         lines.append(f"  total {self.bytes_before / 1e6:.3f} MB -> {self.bytes_after / 1e6:.3f} MB "
                      f"({ratio:.3f}x)")
+        if self.shared_inputs:
+            lines.append(f"  {len(self.shared_inputs)} group(s) of sibling layers share an input transform, e.g. "
+                         + ", ".join(self.shared_inputs[0]))
         return "\n".join(lines)
 
 
@@ -89,13 +93,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pattern = DEFAULT_INCLUDE,
               exclude: Pattern = DEFAULT_EXCLUDE, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-              verbose: bool = False) -> QuantizeReport:
+              verbose: bool = False, share_inputs: bool = True) -> QuantizeReport:
     """Swaps matching nn.Linear layers of `model` for DuQuantLinear, in place.
 
     Each layer is packed on the device its weight lives on; layers of equal shape are stacked and
     packed in one batched pass (same result as packing each alone). All layers are packed before any
     is swapped, so an error (a NaN weight, say) leaves the model untouched. Pass include=None to
     consider every nn.Linear. Returns a QuantizeReport (print it for a table).
+
+    share_inputs (default True): sibling layers that read the same input (q_proj/k_proj/v_proj,
+    gate_proj/up_proj, ...: ``_C.sibling_sets()``), with dynamic activation scales, get one input transform, computed from their
+    weights stacked by rows, so on the fast path their common input is quantized once (fewer kernel
+    launches per block: see shared_input.py). Each layer keeps its own output rotation and weight
+    codes; False packs every layer alone.
     """
     config = config if config is not None else _C.Config()
     if not isinstance(model, nn.Module):
@@ -113,7 +123,7 @@ def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pat
         packed = _C.pack_linears(
             [(name, linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), config)
              for name, linear in targets],
-            progress=progress if verbose else None)
+            progress=progress if verbose else None, share_inputs=share_inputs)
     if verbose and targets:
         print(file=sys.stderr)
     replacements = []
@@ -124,6 +134,8 @@ def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pat
                                          q.nbytes()))
     for name, q in replacements:
         _set_submodule(model, name, q)
+    if share_inputs:
+        report.shared_inputs = link_shared_inputs(model)
     return report
 
 

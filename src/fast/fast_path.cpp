@@ -3,6 +3,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 
 #include "duquant/act_quant.h"
@@ -177,6 +178,39 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
   }
 #endif
   return reference_forward(x, layer, quantize_acts);
+}
+
+torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                                const LayerPack& layer) {
+  const std::string where = "duquant::linear_codes";
+  check_layer_input(x, layer, where);
+  const int64_t k = layer.in_features, t = x.numel() / k;
+  if (!layer.config.quantize_acts())
+    throw std::invalid_argument(where + ": the layer is weight-only (abits=0); it has no activation codes");
+  if (!codes.defined() || codes.scalar_type() != torch::kInt8 || codes.dim() != 2 || codes.size(0) != t ||
+      codes.size(1) != k || !scales.defined() || scales.scalar_type() != torch::kFloat32 || scales.dim() != 1 ||
+      scales.size(0) != t) {
+    std::ostringstream s;
+    s << where << ": want int8 codes [" << t << ", " << k << "] and float32 scales [" << t << "] for input "
+      << x.sizes() << ", got " << (codes.defined() ? codes.sizes() : c10::IntArrayRef{}) << " "
+      << (codes.defined() ? c10::toString(codes.scalar_type()) : "undefined") << " and "
+      << (scales.defined() ? scales.sizes() : c10::IntArrayRef{}) << " "
+      << (scales.defined() ? c10::toString(scales.scalar_type()) : "undefined");
+    throw std::invalid_argument(s.str());
+  }
+  if (codes.device() != x.device() || scales.device() != x.device())
+    throw std::invalid_argument(where + ": codes, scales and input must be on one device");
+#ifdef DUQUANT_WITH_CUDA
+  if (x.is_cuda() && fast_path_blocker(layer, x).empty()) {
+    bool copied = false;
+    const LayerPack operands = kernel_operands(layer, where, &copied);
+    return cuda_fast::forward_codes(codes.contiguous(), scales.contiguous(), x, operands, /*chain=*/!copied);
+  }
+#endif
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = layer.out_features;
+  auto xt = codes.to(torch::kFloat32) * scales.unsqueeze(1);
+  return linear_from_transformed(xt, layer, /*quantize_acts=*/false).reshape(out_shape).to(x.scalar_type());
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

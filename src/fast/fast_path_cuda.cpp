@@ -118,6 +118,69 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device) 
   return "";
 }
 
+namespace {
+
+// One layer's GEMM launch: the kernels' parameters and plan, and the split-k scratch they point into.
+struct GemmLaunch {
+  kernels::IntGemmParams p;
+  kernels::IntGemmPlan plan;
+  torch::Tensor workspace;
+};
+
+// The GEMM of `layer` for m tokens into y [m, n]: reading int8 codes and per-token scales (a,
+// a_scale) or, weight-only, the transformed activations a16. Split-k scratch comes from the caching
+// allocator (stream-ordered, graph-safe); its counters still need zeroing (plan.counters ints).
+GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale, const void* a16, torch::Tensor& y,
+                     int64_t m, const LaunchContext& ctx) {
+  const Config& cfg = layer.config;
+  GemmLaunch g;
+  kernels::IntGemmParams& p = g.p;
+  if (a16) {
+    p.a16 = a16;
+    p.a16_dtype = kernel_dtype(y.scalar_type());
+  } else {
+    p.a = static_cast<const int8_t*>(a);
+    p.a_scale = a_scale;
+    p.a_scale_per_tensor = false;  // the input kernel writes the static scale per token too
+  }
+  p.a_stride = layer.in_features;
+  p.w = layer.qweight.data_ptr();
+  p.wbits = static_cast<int>(cfg.wbits);
+  p.w_scale = layer.w_scale.data_ptr<float>();
+  p.r_out = f32_or_null(layer.r_out);
+  p.block_out = static_cast<int>(layer.r_out.defined() ? layer.r_out.size(1) : 1);
+  p.bias = f32_or_null(layer.bias);
+  p.y = y.data_ptr();
+  p.out_dtype = kernel_dtype(y.scalar_type());
+  p.m = m;
+  p.n = layer.out_features;
+  p.k = layer.in_features;
+  p.num_sms = ctx.num_sms;
+  p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
+  p.splits = gemm_splits();
+  p.chain = ctx.chain;
+  if (!a16) g.plan = kernels::int_gemm_plan(p);
+  if (g.plan.workspace_bytes > 0) {
+    g.workspace = torch::empty({static_cast<int64_t>(g.plan.workspace_bytes)}, y.options().dtype(torch::kUInt8));
+    p.workspace = g.workspace.data_ptr();
+  }
+  return g;
+}
+
+void launch_gemm(const GemmLaunch& g, const LaunchContext& ctx) {
+  const bool weight_only = g.p.a16 != nullptr;
+  check(weight_only ? kernels::wo_gemm(g.p, ctx.stream) : kernels::int_gemm(g.p, g.plan, ctx.stream), "GEMM launch");
+  if (!weight_only) note_gemm_tile_launched(static_cast<int>(g.plan.tile), g.plan.splits);
+}
+
+torch::Tensor output_view(const torch::Tensor& y, const torch::Tensor& x, int64_t n) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  return y.view(out_shape);
+}
+
+}  // namespace
+
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain) {
   const c10::cuda::CUDAGuard guard(x.device());
   LaunchContext ctx = launch_context(x.device());
@@ -137,50 +200,30 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain
     scales = torch::empty({m}, x.options().dtype(torch::kFloat32));
   }
   auto y = torch::empty({m, n}, x.options());
-  kernels::IntGemmParams p;
-  if (weight_only) {
-    p.a16 = xt.data_ptr();
-    p.a16_dtype = kernel_dtype(x.scalar_type());
-  } else {
-    p.a = codes.data_ptr<int8_t>();
-    p.a_scale = scales.data_ptr<float>();
-    p.a_scale_per_tensor = false;  // the input kernel writes the static scale per token too
-  }
-  p.a_stride = k;
-  p.w = layer.qweight.data_ptr();
-  p.wbits = static_cast<int>(cfg.wbits);
-  p.w_scale = layer.w_scale.data_ptr<float>();
-  p.r_out = f32_or_null(layer.r_out);
-  p.block_out = static_cast<int>(layer.r_out.defined() ? layer.r_out.size(1) : 1);
-  p.bias = f32_or_null(layer.bias);
-  p.y = y.data_ptr();
-  p.out_dtype = kernel_dtype(x.scalar_type());
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.num_sms = ctx.num_sms;
-  p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
-  p.splits = gemm_splits();
-  p.chain = ctx.chain;
-
-  // Split-k scratch: from the caching allocator (stream-ordered, graph-safe); its counters are
-  // zeroed by the input kernel, so no memset joins the chain of kernels.
-  kernels::IntGemmPlan plan;
-  if (!weight_only) plan = kernels::int_gemm_plan(p);
-  torch::Tensor workspace;
-  if (plan.workspace_bytes > 0) {
-    workspace = torch::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(torch::kUInt8));
-    p.workspace = workspace.data_ptr();
-  }
+  const GemmLaunch g = plan_gemm(layer, weight_only ? nullptr : codes.data_ptr(),
+                                 weight_only ? nullptr : scales.data_ptr<float>(),
+                                 weight_only ? xt.data_ptr() : nullptr, y, m, ctx);
+  // The input kernel zeroes the split-k counters, so no memset joins the chain of kernels.
   run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
-                   weight_only ? 0 : cfg.abits, codes, scales, ctx, xt, static_cast<int*>(p.workspace),
-                   plan.counters);
-  check(weight_only ? kernels::wo_gemm(p, ctx.stream) : kernels::int_gemm(p, plan, ctx.stream), "GEMM launch");
-  if (!weight_only) note_gemm_tile_launched(static_cast<int>(plan.tile), plan.splits);
+                   weight_only ? 0 : cfg.abits, codes, scales, ctx, xt, static_cast<int*>(g.p.workspace),
+                   g.plan.counters);
+  launch_gemm(g, ctx);
+  return output_view(y, x, n);
+}
 
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = n;
-  return y.view(out_shape);
+torch::Tensor forward_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                            const LayerPack& layer, bool chain) {
+  const c10::cuda::CUDAGuard guard(codes.device());
+  LaunchContext ctx = launch_context(codes.device());
+  ctx.chain = ctx.chain && chain;
+  const int64_t m = codes.size(0), n = layer.out_features;
+  auto y = torch::empty({m, n}, x.options());
+  const GemmLaunch g = plan_gemm(layer, codes.data_ptr(), scales.data_ptr<float>(), nullptr, y, m, ctx);
+  if (g.plan.counters > 0 && m > 0) {  // no input kernel of ours zeroes them here
+    g.workspace.narrow(0, 0, static_cast<int64_t>(g.plan.counters) * static_cast<int64_t>(sizeof(int))).zero_();
+  }
+  launch_gemm(g, ctx);
+  return output_view(y, x, n);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d_in, const torch::Tensor& perm,

@@ -28,6 +28,10 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device);
 // chain = false launches the layer's kernels without programmatic dependent launch (operands that
 // a kernel just wrote: reads of them may not start before that kernel is done).
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain = true);
+// The GEMM half of forward: y = layer(x) from x's activation codes [T, K] and per-token scales [T],
+// as quantize_input made them with this layer's transform. x gives the output's dtype and shape.
+torch::Tensor forward_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                            const LayerPack& layer, bool chain = true);
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,
                                                         const torch::Tensor& r_in, const torch::Tensor& static_scale,
                                                         int64_t abits);

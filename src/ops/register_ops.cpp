@@ -55,6 +55,25 @@ at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& qweight, const c10
   return at::empty(shape, x.options());
 }
 
+at::Tensor linear_codes_op(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& x,
+                           const at::Tensor& qweight, const c10::optional<at::Tensor>& w_scale, const at::Tensor& r_in,
+                           const c10::optional<at::Tensor>& r_out, const c10::optional<at::Tensor>& bias,
+                           int64_t in_features, int64_t wbits, int64_t abits) {
+  auto layer = layer_from_args(qweight, w_scale, c10::nullopt, r_in, r_out, bias, c10::nullopt, in_features, wbits,
+                               abits, "dynamic");
+  return linear_from_codes(codes, scales, x, layer);
+}
+
+at::Tensor linear_codes_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& x, const at::Tensor& qweight,
+                             const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                             const c10::optional<at::Tensor>&, int64_t in_features, int64_t, int64_t) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "duquant::linear_codes: input's last dimension must be ",
+              in_features, ", got ", x.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = qweight.size(0);
+  return at::empty(shape, x.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_input_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm,
                                                      const at::Tensor& r_in,
                                                      const c10::optional<at::Tensor>& static_scale, int64_t abits) {
@@ -86,6 +105,11 @@ TORCH_LIBRARY(duquant, m) {
       "linear(Tensor x, Tensor qweight, Tensor? w_scale, Tensor? perm, Tensor r_in, Tensor? r_out, Tensor? bias, "
       "Tensor? act_scale, int in_features, int wbits, int abits, str act, bool quantize_acts) -> Tensor");
   m.def("quantize_input(Tensor x, Tensor? perm, Tensor r_in, Tensor? static_scale, int abits) -> (Tensor, Tensor)");
+  // The GEMM half of linear, from quantize_input's codes and scales (layers sharing an input transform).
+  // r_in only gives the block size; x the output's dtype and shape.
+  m.def(
+      "linear_codes(Tensor codes, Tensor scales, Tensor x, Tensor qweight, Tensor? w_scale, Tensor r_in, "
+      "Tensor? r_out, Tensor? bias, int in_features, int wbits, int abits) -> Tensor");
   m.def(
       "observe_activations(Tensor x, Tensor? perm, Tensor r_in, Tensor(a!) act_scale, Tensor(b!) calib_state, "
       "int abits, str act, float act_pct, int calib_steps) -> ()",
@@ -96,11 +120,13 @@ TORCH_LIBRARY(duquant, m) {
 TORCH_LIBRARY_IMPL(duquant, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_op);
   m.impl("quantize_input", &quantize_input_op);
+  m.impl("linear_codes", &linear_codes_op);
 }
 
 TORCH_LIBRARY_IMPL(duquant, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("quantize_input", &quantize_input_meta);
+  m.impl("linear_codes", &linear_codes_meta);
 }
 
 }  // namespace duquant

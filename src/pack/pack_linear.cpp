@@ -37,8 +37,23 @@ void check_linear_weight(const torch::Tensor& weight, const c10::optional<torch:
   }
 }
 
+SharedInputTransform shared_input_transform(const torch::Tensor& w, const Config& config) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat64,
+              "shared_input_transform wants float64 [N, K] (the siblings' weights stacked by rows), got ", w.sizes(),
+              " ", w.scalar_type());
+  torch::NoGradGuard no_grad;
+  SharedInputTransform t;
+  torch::Tensor w_perm = w;
+  if (config.permute) {
+    t.perm = channel_permutation(w, config.ls);
+    w_perm = w.index_select(1, t.perm);
+  }
+  t.r_in = column_block_rotations(w_perm, config.block_size);
+  return t;
+}
+
 std::vector<LayerPack> pack_weight_stack(const torch::Tensor& w, const std::vector<torch::Tensor>& biases,
-                                         const Config& config) {
+                                         const Config& config, const SharedInputTransform* shared) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kFloat64, "pack_weight_stack wants float64 [L, N, K], got ",
               w.sizes(), " ", w.scalar_type());
   const int64_t layers = w.size(0), n = w.size(1), k = w.size(2);
@@ -47,8 +62,18 @@ std::vector<LayerPack> pack_weight_stack(const torch::Tensor& w, const std::vect
   torch::NoGradGuard no_grad;
 
   // All packing math in float64 on the weights' device; only the stored results are narrowed.
-  torch::Tensor perm, w_perm = w;
-  if (config.permute) {
+  torch::Tensor perm, w_perm = w, r_in;
+  if (shared) {
+    TORCH_CHECK(shared->r_in.defined() && shared->perm.defined() == config.permute &&
+                    (!config.permute || shared->perm.size(0) == k) &&
+                    shared->r_in.size(0) == (k + config.block_size - 1) / config.block_size,
+                "pack_weight_stack: the shared input transform does not fit these layers");
+    if (config.permute) {
+      perm = shared->perm.to(w.device()).unsqueeze(0).expand({layers, k}).contiguous();
+      w_perm = w.index_select(2, perm[0]);
+    }
+    r_in = shared->r_in.to(w.device()).unsqueeze(0).expand({layers, -1, -1, -1}).contiguous();
+  } else if (config.permute) {
     // Per layer (a handful of small ops each); the expensive steps below run on the whole stack.
     std::vector<torch::Tensor> perms;
     perms.reserve(layers);
@@ -56,7 +81,7 @@ std::vector<LayerPack> pack_weight_stack(const torch::Tensor& w, const std::vect
     perm = torch::stack(perms);  // [L, K]
     w_perm = w.gather(2, perm.unsqueeze(1).expand({layers, n, k}));
   }
-  auto r_in = column_block_rotations(w_perm, config.block_size);  // [L, nb, B, B]
+  if (!shared) r_in = column_block_rotations(w_perm, config.block_size);  // [L, nb, B, B]
   auto w_t = rotate_column_blocks(w_perm, r_in);                   // W' = W~ * blockdiag(R_in)
 
   torch::Tensor r_out;

@@ -44,9 +44,11 @@ void check_all(const std::vector<LinearToPack>& layers) {
   }
 }
 
-std::vector<Group> group_layers(const std::vector<LinearToPack>& layers, const PackModelOptions& options) {
+std::vector<Group> group_layers(const std::vector<LinearToPack>& layers, const PackModelOptions& options,
+                                const std::vector<bool>& skip) {
   std::vector<Group> groups;
   for (size_t i = 0; i < layers.size(); ++i) {
+    if (skip[i]) continue;  // packed with its input group
     const auto& l = layers[i];
     const torch::Device device = options.device ? *options.device : l.weight.device();
     const int64_t n = l.weight.size(0), k = l.weight.size(1);
@@ -96,7 +98,125 @@ std::vector<LayerPack> pack_stack(const std::vector<LinearToPack>& layers, const
   return packs;
 }
 
+// Layers sharing an input transform, by input_group (explicit, else the sibling rule with
+// options.share_inputs) in order of first appearance; groups of one
+// layer are left out (its own transform is the shared one). Members must agree on what the
+// transform depends on.
+std::vector<std::vector<size_t>> input_groups(const std::vector<LinearToPack>& layers,
+                                              const PackModelOptions& options) {
+  std::vector<std::vector<size_t>> groups;
+  std::vector<std::string> keys;
+  const std::vector<std::string> by_name =
+      options.share_inputs ? sibling_input_groups(layers, options) : std::vector<std::string>(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const std::string& key = layers[i].input_group.empty() ? by_name[i] : layers[i].input_group;
+    if (key.empty()) continue;
+    const auto at = std::find(keys.begin(), keys.end(), key);
+    if (at == keys.end()) {
+      keys.push_back(key);
+      groups.push_back({i});
+    } else {
+      groups[at - keys.begin()].push_back(i);
+    }
+  }
+  for (const auto& g : groups) {
+    const auto& a = layers[g[0]];
+    for (size_t i : g) {
+      const auto& b = layers[i];
+      const auto device_of = [&](const LinearToPack& l) { return options.device ? *options.device : l.weight.device(); };
+      std::string why;
+      if (b.weight.size(1) != a.weight.size(1))
+        why = "in_features " + std::to_string(b.weight.size(1)) + " vs " + std::to_string(a.weight.size(1));
+      else if (!(b.config == a.config))
+        why = "configs differ";
+      else if (device_of(b) != device_of(a))
+        why = "devices differ";
+      if (!why.empty())
+        throw std::invalid_argument("pack_linears: input group of '" + a.name + "': '" + b.name +
+                                    "' cannot share an input transform with '" + a.name + "' (" + why + ")");
+    }
+  }
+  groups.erase(std::remove_if(groups.begin(), groups.end(), [](const auto& g) { return g.size() < 2; }), groups.end());
+  return groups;
+}
+
+// Packs an input group: one transform from the members' weights stacked by rows, then each member
+// with it (its own output rotations and weight codes).
+std::vector<LayerPack> pack_input_group(const std::vector<LinearToPack>& layers, const std::vector<size_t>& idx,
+                                        const PackModelOptions& options) {
+  torch::NoGradGuard no_grad;
+  const auto& first = layers[idx[0]];
+  const torch::Device device = options.device ? *options.device : first.weight.device();
+  std::vector<torch::Tensor> weights;
+  for (size_t i : idx) weights.push_back(layers[i].weight.detach().to(device).to(torch::kFloat64));
+  // Stacked in name order, so the transform (its float sums) does not depend on the callers' order:
+  // duquant-pack (checkpoint order) and quantize_ (module order) pack the same bits.
+  std::vector<size_t> order(idx.size());
+  for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return layers[idx[a]].name < layers[idx[b]].name; });
+  std::vector<torch::Tensor> sorted;
+  for (size_t j : order) sorted.push_back(weights[j]);
+  auto stacked = torch::cat(sorted, 0);
+  if (!torch::isfinite(stacked).all().item<bool>()) {
+    for (size_t i : idx) check_linear_weight(layers[i].weight, layers[i].bias, layers[i].name);
+  }
+  std::vector<LayerPack> packs;
+  try {
+    const SharedInputTransform transform = shared_input_transform(stacked, first.config);
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const auto& l = layers[idx[j]];
+      torch::Tensor bias = l.bias && l.bias->defined() ? l.bias->detach().to(device) : torch::Tensor();
+      packs.push_back(pack_weight_stack(weights[j].unsqueeze(0), {bias}, first.config, &transform)[0]);
+    }
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(quoted_names(layers, idx) + ": " + e.what());
+  } catch (const std::exception& e) {
+    throw std::runtime_error(quoted_names(layers, idx) + ": " + e.what());
+  }
+  if (options.on_packed)
+    for (size_t j = 0; j < idx.size(); ++j) options.on_packed(idx[j], weights[j], packs[j]);
+  return packs;
+}
+
 }  // namespace
+
+const std::vector<std::vector<std::string>> kSiblingSets = {
+    {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"}, {"wq", "wk", "wv"}, {"w1", "w3"}};
+
+std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& layers,
+                                              const PackModelOptions& options) {
+  std::vector<std::string> group(layers.size());
+  std::vector<std::string> keys;
+  std::vector<std::vector<size_t>> members;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& l = layers[i];
+    if (!l.config.quantize_acts() || l.config.act != ActMode::kDynamic || l.weight.dim() != 2) continue;
+    const auto dot = l.name.rfind('.');
+    const std::string parent = dot == std::string::npos ? "" : l.name.substr(0, dot);
+    const std::string child = dot == std::string::npos ? l.name : l.name.substr(dot + 1);
+    for (size_t s = 0; s < kSiblingSets.size(); ++s) {
+      const auto& set = kSiblingSets[s];
+      if (std::find(set.begin(), set.end(), child) == set.end()) continue;
+      std::string joined;
+      for (const auto& c : set) joined += (joined.empty() ? "" : "/") + c;
+      const torch::Device device = options.device ? *options.device : l.weight.device();
+      // Everything the shared transform must agree on is in the key; the rest is left alone.
+      const std::string key = parent + ":" + joined + ":" + std::to_string(l.weight.size(1)) + ":" + device.str() +
+                              ":" + l.config.to_json();
+      const auto at = std::find(keys.begin(), keys.end(), key);
+      if (at == keys.end()) {
+        keys.push_back(key);
+        members.push_back({i});
+      } else {
+        members[at - keys.begin()].push_back(i);
+      }
+    }
+  }
+  for (size_t g = 0; g < keys.size(); ++g)
+    if (members[g].size() > 1)
+      for (size_t i : members[g]) group[i] = keys[g];
+  return group;
+}
 
 std::vector<PackedLayer> pack_linears(const std::vector<LinearToPack>& layers, const PackProgress& progress,
                                       const PackModelOptions& options) {
@@ -107,7 +227,17 @@ std::vector<PackedLayer> pack_linears(const std::vector<LinearToPack>& layers, c
 
   std::vector<PackedLayer> out(layers.size());
   size_t done = 0;
-  for (const Group& g : group_layers(layers, options)) {
+  std::vector<bool> in_group(layers.size(), false);
+  for (const auto& idx : input_groups(layers, options)) {
+    auto packs = pack_input_group(layers, idx, options);
+    for (size_t j = 0; j < idx.size(); ++j) {
+      in_group[idx[j]] = true;
+      out[idx[j]] = PackedLayer{layers[idx[j]].name, std::move(packs[j])};
+      ++done;
+      if (progress) progress(done, layers.size(), layers[idx[j]].name);
+    }
+  }
+  for (const Group& g : group_layers(layers, options, in_group)) {
     const int64_t budget = options.max_stack_bytes > 0 ? options.max_stack_bytes
                            : g.device.is_cuda()       ? kCudaStackBytes
                                                       : kOtherStackBytes;

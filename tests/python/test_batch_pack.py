@@ -27,7 +27,7 @@ def test_quantize_equals_per_layer_pack_linear(cfg):
     # Three blocks: every projection shape occurs three times, so the grouped path stacks them.
     model = add_weight_outliers(TinyLM(layers=3, d=48, kv=16, h=80)).eval()
     reference = copy.deepcopy(model)
-    report = dq.quantize_(model, cfg)
+    report = dq.quantize_(model, cfg, share_inputs=False)  # siblings packed alone: test_shared_input.py
     assert len(report) == 21
     x = torch.randn(5, 48)
     per_layer = copy.deepcopy(reference)
@@ -43,7 +43,7 @@ def test_quantize_equals_per_layer_pack_linear(cfg):
 def test_quantize_handles_half_precision_models():
     model = add_weight_outliers(TinyLM(layers=2)).eval().to(torch.bfloat16)
     reference = copy.deepcopy(model)
-    report = dq.quantize_(model, dq.Config())
+    report = dq.quantize_(model, dq.Config(), share_inputs=False)
     for name in report.names:
         alone = dq.DuQuantLinear.from_linear(reference.get_submodule(name), dq.Config(), name=name)
         assert_same_buffers(model.get_submodule(name), alone, name)
@@ -77,7 +77,7 @@ def test_pack_linears_errors_name_the_layer():
         _C.pack_linears([("first", w, None, dq.Config()), ("second", bad, None, dq.Config())])
     with pytest.raises(ValueError, match="'first' appears twice"):
         _C.pack_linears([("first", w, None, dq.Config()), ("first", w, None, dq.Config())])
-    with pytest.raises(ValueError, match=r"layers\[0\] must be \(name, weight, bias or None, Config\)"):
+    with pytest.raises(ValueError, match=r"layers\[0\] must be \(name, weight, bias or None, Config\[, input group\]\)"):
         _C.pack_linears([("first", w)])
     with pytest.raises(ValueError, match="x: bias must have shape \\[16\\]"):
         _C.pack_linears([("x", w, torch.randn(3), dq.Config())])
