@@ -5,6 +5,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -40,6 +41,13 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
 // shapes, dtypes or devices that do not fit, and for weight-only layers.
 torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
                                 const LayerPack& layer);
+
+// linear_from_codes for several layers reading the same codes (siblings sharing an input transform),
+// one output each, in order. On CUDA, where the layers agree on wbits and Bo and the plan allows
+// (mma.sync tiles: small and medium M), their GEMMs run as one grouped launch; bit-identical to
+// linear_from_codes per layer either way.
+std::vector<torch::Tensor> linear_from_codes_group(const torch::Tensor& codes, const torch::Tensor& scales,
+                                                   const torch::Tensor& x, const std::vector<LayerPack>& layers);
 
 // Which input kernels the fast path runs, process-wide, for comparing them in tests and benchmarks:
 // "auto" (the default: one kernel holding whole rows in shared memory where a row fits on an SM,

@@ -461,6 +461,48 @@ constexpr int deepest_stages() {
   return s > 6 ? 6 : s;
 }
 
+// Column tiles of BN outputs over a group's segments, in turn.
+template <int BN>
+__host__ __device__ __forceinline__ int64_t column_tiles(const GemmGroup& g) {
+  int64_t tiles = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxGemmSegments; ++s)
+    if (s < g.segments) tiles += (g.segment[s].n + BN - 1) / BN;
+  return tiles;
+}
+
+// In a grouped launch, makes p the segment that column tile `tile` falls in (its weights, epilogue
+// operands, output and width) and returns the tile's index within it; otherwise returns `tile`.
+// Static indices only, so the segment table stays in parameter space.
+template <int BN>
+__device__ __forceinline__ int64_t use_segment(IntGemmParams& p, const GemmGroup& g, int64_t tile) {
+  if (g.segments == 0) return tile;
+  int64_t first = 0, local = tile;
+  int chosen = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxGemmSegments; ++s) {
+    if (s < g.segments) {
+      if (tile >= first) {
+        chosen = s;
+        local = tile - first;
+      }
+      first += (g.segment[s].n + BN - 1) / BN;
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kMaxGemmSegments; ++s) {
+    if (s == chosen) {
+      p.w = g.segment[s].w;
+      p.w_scale = g.segment[s].w_scale;
+      p.r_out = g.segment[s].r_out;
+      p.bias = g.segment[s].bias;
+      p.y = g.segment[s].y;
+      p.n = g.segment[s].n;
+    }
+  }
+  return local;
+}
+
 // Launches a GEMM kernel with `smem` bytes of dynamic shared memory (fixed per kernel) on a grid of
 // BM x BN tiles, `splits` deep along z; `extra` follows the parameters as kernel arguments.
 template <auto Kernel, int BM, int BN, typename... Extra>

@@ -49,17 +49,21 @@ struct Tile {
 
 // SPLIT: a split-k variant (grid z > 1 slices the k range); compiled apart so the plain kernels
 // keep their registers (the runtime branch cost the streaming tiles 16 registers and up to 3 us).
-template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT>
+// GROUPED: a grouped launch's variant (`group` holds the layers); apart for the same reason (its
+// segment's pointers stay in registers: 32x32 tiles 90 -> 112, 128x128 140 -> 174 for int4).
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT, bool GROUPED>
 __global__ void __launch_bounds__(Tile<BM, BN, WM, WN, WK, STAGES, WBITS>::kThreads)
-    int_gemm_kernel(IntGemmParams p, SplitK sk) {
+    int_gemm_kernel(IntGemmParams p, SplitK sk, GemmGroup group) {
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
+  int64_t col_tile = blockIdx.x;
+  if constexpr (GROUPED) col_tile = use_segment<BN>(p, group, col_tile);  // p is now this CTA's layer
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp % WM, wn = (warp / WM) % WN, wk = warp / (WM * WN);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t n0 = col_tile * BN;
   const int64_t w_row_bytes = T::kInt4 ? p.k / 2 : p.k;
   const auto* a_g = reinterpret_cast<const unsigned char*>(p.a);
   const auto* w_g = static_cast<const unsigned char*>(p.w);
@@ -181,8 +185,11 @@ bool wgmma_usable(const IntGemmParams& p) {
 // Counters come first in the split-k workspace, padded so the partial sums start 256-byte aligned.
 constexpr int64_t split_counter_ints(int64_t counters) { return (counters + 63) / 64 * 64; }
 
-template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT = false>
-cudaError_t launch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
+template <int BM, int BN, int WM, int WN, int WK, int STAGES, int WBITS, bool SPLIT = false, bool GROUPED = false>
+cudaError_t launch(const IntGemmParams& p_in, const IntGemmPlan& plan, cudaStream_t stream,
+                   const GemmGroup& group = GemmGroup()) {
+  IntGemmParams p = p_in;
+  if constexpr (GROUPED) p.n = column_tiles<BN>(group) * BN;  // the grid: every segment's column tiles
   using T = Tile<BM, BN, WM, WN, WK, STAGES, WBITS>;
   static_assert(T::SMEM_BYTES <= kMaxSmemBytes, "tile needs more shared memory than an SM has");
   SplitK sk;
@@ -191,8 +198,8 @@ cudaError_t launch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t
     sk.counters = static_cast<int*>(p.workspace);
     sk.partials = sk.counters + split_counter_ints(plan.counters);
   }
-  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS, SPLIT>, BM, BN>(
-      T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk);
+  return launch_gemm<int_gemm_kernel<BM, BN, WM, WN, WK, STAGES, WBITS, SPLIT, GROUPED>, BM, BN>(
+      T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk, group);
 }
 
 // The weight-streaming tile is 32 outputs wide where Bo needs it or 16-wide tiles would exceed one per SM.
@@ -285,9 +292,69 @@ cudaError_t dispatch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
   }
 }
 
+// The tiles a grouped launch runs (grouped_plan picks only these, unsplit).
+template <int WBITS>
+cudaError_t dispatch_grouped(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream,
+                             const GemmGroup& g) {
+  switch (plan.tile) {
+    case GemmTile::kStream:
+      return stream_wide(p) ? launch<16, 32, 1, 1, 8, 3, WBITS, false, true>(p, plan, stream, g)
+                            : launch<16, 16, 1, 1, 8, 3, WBITS, false, true>(p, plan, stream, g);
+    case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS, false, true>(p, plan, stream, g);
+    case GemmTile::kTile64: return launch<64, 64, 2, 2, 2, 3, WBITS, false, true>(p, plan, stream, g);
+    case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS, false, true>(p, plan, stream, g);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool is_mma_sync_tile(GemmTile t) {
+  return t == GemmTile::kStream || t == GemmTile::kTile32 || t == GemmTile::kTile64 || t == GemmTile::kTile128;
+}
+
+// A grouped launch (layers sharing activation codes, side by side along N) runs the mma.sync
+// tiles, sized for the whole group: one launch instead of one per layer (~2.5 us each in a CUDA
+// graph at small M). Measured on an H200 (benchmarks/sibling_groups.py --tiles, µs per group call;
+// results/sibling_groups_h200.txt): streaming tiles up to M = 16; 32x32 tiles up to M = 32 and
+// where 64x64 tiles would leave SMs idle (action expert q/k/v 1024->2560 at M = 50: 10.6 against
+// 15.3); 64x64 tiles past M = 32 where they give nearly every SM one (gate/up 1024->8192 at M = 50
+// 16.3 against 16.8, at M = 128 18.1 against 28.4; q/k/v at M = 256 18.0 against 22.0). Where the
+// widest layer alone would run the wgmma kernel the group still launches once up to M x N = 128 x
+// 8192 (gate/up 1024->8192 at M = 128: 18.1 against 20.7 per layer; q/k/v at M = 256: 18.0
+// against 21.2), past it per layer (2048->32768 at M = 50: 31.8 per layer against 42.6 grouped).
+// Split-k (long rows) and, at K >= 4096, the skinny kernel stay per layer; below K = 4096 the
+// skinny kernel's edge at M <= 4 is 0.1-0.5 us a layer (gemv_sweep_h200.txt), less than a launch.
+IntGemmPlan grouped_plan(const IntGemmParams& p, const GemmGroup& group) {
+  IntGemmParams widest = p, whole = p;
+  widest.n = whole.n = 0;
+  for (int s = 0; s < group.segments && s < kMaxGemmSegments; ++s) {
+    widest.n = std::max(widest.n, group.segment[s].n);
+    whole.n += group.segment[s].n;
+  }
+  const IntGemmPlan alone = int_gemm_plan(widest);
+  const bool forced = p.tile != GemmTile::kAuto;
+  const bool skinny_edge = alone.tile == GemmTile::kGemv && !forced && p.k < 4096;
+  const bool wgmma_alone = alone.tile == GemmTile::kWgmma128 || alone.tile == GemmTile::kWgmma256;
+  const bool small_group = !forced && p.m * whole.n <= int64_t{128} * 8192;
+  const bool mma_alone = is_mma_sync_tile(alone.tile) && alone.splits == 1;
+  if (group.segments > kMaxGemmSegments || !(mma_alone || skinny_edge || (wgmma_alone && small_group))) return alone;
+  IntGemmPlan plan;
+  plan.grouped = true;
+  if (is_mma_sync_tile(p.tile)) {
+    plan.tile = p.tile;
+    return plan;
+  }
+  const int64_t ctas32 = ((p.m + 31) / 32) * ((whole.n + 31) / 32);
+  const int64_t ctas64 = ((p.m + 63) / 64) * ((whole.n + 63) / 64);
+  plan.tile = p.m <= 16 || 2 * ctas32 <= p.num_sms       ? GemmTile::kStream
+              : p.m > 32 && 10 * ctas64 >= 9 * p.num_sms ? GemmTile::kTile64
+                                                         : GemmTile::kTile32;
+  return plan;
+}
+
 }  // namespace
 
-IntGemmPlan int_gemm_plan(const IntGemmParams& p) {
+IntGemmPlan int_gemm_plan(const IntGemmParams& p, const GemmGroup* group) {
+  if (group && group->segments > 0) return grouped_plan(p, *group);
   IntGemmPlan plan;
   auto tiles_of = [&](const TileGeometry& g) { return ((p.m + g.bm - 1) / g.bm) * ((p.n + g.bn - 1) / g.bn); };
   // Long rows past the streaming tiles' M (down_proj-like, K >= 8192) where 64x64 tiles leave SMs
@@ -374,8 +441,11 @@ bool wgmma_gemm_available() {
   return wgmma_usable(p);
 }
 
-cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream) {
+cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream, const GemmGroup* group) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
+  if (group && group->segments > 0 && (!plan.grouped || group->segments > kMaxGemmSegments))
+    return cudaErrorInvalidValue;
+  if (plan.grouped && !(group && group->segments > 0)) return cudaErrorInvalidValue;
   if (plan.tile == GemmTile::kGemv || plan.tile == GemmTile::kGemvDirect)  // its split needs no workspace
     return int_gemv(p, plan.tile == GemmTile::kGemvDirect, plan.splits, stream);
 #ifdef DUQUANT_KERNELS_WGMMA
@@ -385,6 +455,8 @@ cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
   }
 #endif
   if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.grouped)
+    return p.wbits <= 4 ? dispatch_grouped<4>(p, plan, stream, *group) : dispatch_grouped<8>(p, plan, stream, *group);
   return p.wbits <= 4 ? dispatch<4>(p, plan, stream) : dispatch<8>(p, plan, stream);
 }
 

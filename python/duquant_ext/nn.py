@@ -110,10 +110,7 @@ class DuQuantLinear(nn.Module):
         if (share is not None and quantize_acts and x.is_cuda and x.dtype in _INPUT_DTYPES and x.dim() >= 1
                 and x.shape[-1] == self.in_features and not _compiling()):
             # Siblings with this input transform (q/k/v, gate/up) quantize a common input once.
-            codes, scales = share.codes_for(self, x)
-            return torch.ops.duquant.linear_codes(
-                codes, scales, x, self.qweight, self.w_scale, self.r_in, self.r_out, self.bias, self.in_features,
-                wbits, abits)
+            return share.forward(self, x)
         return torch.ops.duquant.linear(
             x, self.qweight, self.w_scale, self.perm, self.r_in, self.r_out, self.bias, self.act_scale,
             self.in_features, wbits, abits, act, quantize_acts)

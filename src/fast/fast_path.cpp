@@ -180,9 +180,11 @@ torch::Tensor linear_forward(const torch::Tensor& x, const LayerPack& layer, boo
   return reference_forward(x, layer, quantize_acts);
 }
 
-torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
-                                const LayerPack& layer) {
-  const std::string where = "duquant::linear_codes";
+namespace {
+
+// The checks linear_from_codes makes of its arguments against one layer.
+void check_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                 const LayerPack& layer, const std::string& where) {
   check_layer_input(x, layer, where);
   const int64_t k = layer.in_features, t = x.numel() / k;
   if (!layer.config.quantize_acts())
@@ -200,6 +202,14 @@ torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor&
   }
   if (codes.device() != x.device() || scales.device() != x.device())
     throw std::invalid_argument(where + ": codes, scales and input must be on one device");
+}
+
+}  // namespace
+
+torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                                const LayerPack& layer) {
+  const std::string where = "duquant::linear_codes";
+  check_codes(codes, scales, x, layer, where);
 #ifdef DUQUANT_WITH_CUDA
   if (x.is_cuda() && fast_path_blocker(layer, x).empty()) {
     bool copied = false;
@@ -211,6 +221,34 @@ torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor&
   out_shape.back() = layer.out_features;
   auto xt = codes.to(torch::kFloat32) * scales.unsqueeze(1);
   return linear_from_transformed(xt, layer, /*quantize_acts=*/false).reshape(out_shape).to(x.scalar_type());
+}
+
+std::vector<torch::Tensor> linear_from_codes_group(const torch::Tensor& codes, const torch::Tensor& scales,
+                                                   const torch::Tensor& x, const std::vector<LayerPack>& layers) {
+  const std::string where = "duquant::linear_codes_group";
+  if (layers.empty()) throw std::invalid_argument(where + ": no layers");
+  for (const auto& l : layers) check_codes(codes, scales, x, l, where);
+#ifdef DUQUANT_WITH_CUDA
+  const LayerPack& first = layers[0];
+  auto block_out = [](const LayerPack& l) { return l.r_out.defined() ? l.r_out.size(1) : int64_t{0}; };
+  bool together = x.is_cuda();
+  for (const auto& l : layers)
+    together = together && fast_path_blocker(l, x).empty() && l.config.wbits == first.config.wbits &&
+               block_out(l) == block_out(first);
+  if (together) {
+    bool chain = true;
+    std::vector<LayerPack> operands;
+    for (const auto& l : layers) {
+      bool copied = false;
+      operands.push_back(kernel_operands(l, where, &copied));
+      chain = chain && !copied;
+    }
+    return cuda_fast::forward_codes_group(codes.contiguous(), scales.contiguous(), x, operands, chain);
+  }
+#endif
+  std::vector<torch::Tensor> out;
+  for (const auto& l : layers) out.push_back(linear_from_codes(codes, scales, x, l));
+  return out;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

@@ -167,9 +167,10 @@ GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale
   return g;
 }
 
-void launch_gemm(const GemmLaunch& g, const LaunchContext& ctx) {
+void launch_gemm(const GemmLaunch& g, const LaunchContext& ctx, const kernels::GemmGroup* group = nullptr) {
   const bool weight_only = g.p.a16 != nullptr;
-  check(weight_only ? kernels::wo_gemm(g.p, ctx.stream) : kernels::int_gemm(g.p, g.plan, ctx.stream), "GEMM launch");
+  check(weight_only ? kernels::wo_gemm(g.p, ctx.stream) : kernels::int_gemm(g.p, g.plan, ctx.stream, group),
+        "GEMM launch");
   if (!weight_only) note_gemm_tile_launched(static_cast<int>(g.plan.tile), g.plan.splits);
 }
 
@@ -224,6 +225,48 @@ torch::Tensor forward_codes(const torch::Tensor& codes, const torch::Tensor& sca
   }
   launch_gemm(g, ctx);
   return output_view(y, x, n);
+}
+
+std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const torch::Tensor& scales,
+                                               const torch::Tensor& x, const std::vector<LayerPack>& layers,
+                                               bool chain) {
+  const c10::cuda::CUDAGuard guard(codes.device());
+  LaunchContext ctx = launch_context(codes.device());
+  ctx.chain = ctx.chain && chain;
+  const int64_t m = codes.size(0);
+  if (layers.size() > static_cast<size_t>(kernels::kMaxGemmSegments)) {
+    std::vector<torch::Tensor> out;
+    for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
+    return out;
+  }
+  std::vector<torch::Tensor> ys;
+  for (const auto& l : layers) ys.push_back(torch::empty({m, l.out_features}, x.options()));
+  GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, ys[0], m, ctx);
+  kernels::IntGemmParams& p = g.p;
+  kernels::GemmGroup group;
+  group.segments = static_cast<int>(layers.size());
+  p.n = 0;
+  for (size_t s = 0; s < layers.size(); ++s) {
+    kernels::GemmSegment& seg = group.segment[s];
+    seg.w = layers[s].qweight.data_ptr();
+    seg.w_scale = layers[s].w_scale.data_ptr<float>();
+    seg.r_out = f32_or_null(layers[s].r_out);
+    seg.bias = f32_or_null(layers[s].bias);
+    seg.y = ys[s].data_ptr();
+    seg.n = layers[s].out_features;
+    p.n += seg.n;
+  }
+  const kernels::IntGemmPlan plan = kernels::int_gemm_plan(p, &group);
+  if (plan.grouped) {
+    g.plan = plan;
+    launch_gemm(g, ctx, &group);
+    std::vector<torch::Tensor> out;
+    for (size_t s = 0; s < layers.size(); ++s) out.push_back(output_view(ys[s], x, layers[s].out_features));
+    return out;
+  }
+  std::vector<torch::Tensor> out;  // one launch per layer (see int_gemm_plan's grouped rule)
+  for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
+  return out;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d_in, const torch::Tensor& perm,

@@ -3,6 +3,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -32,6 +33,11 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain
 // as quantize_input made them with this layer's transform. x gives the output's dtype and shape.
 torch::Tensor forward_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
                             const LayerPack& layer, bool chain = true);
+// forward_codes for layers that share x's codes (same K, wbits, Bo; at most
+// kernels::kMaxGemmSegments): one grouped GEMM launch where the plan allows it, else one per layer.
+std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const torch::Tensor& scales,
+                                               const torch::Tensor& x, const std::vector<LayerPack>& layers,
+                                               bool chain = true);
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x2d, const torch::Tensor& perm,
                                                         const torch::Tensor& r_in, const torch::Tensor& static_scale,
                                                         int64_t abits);

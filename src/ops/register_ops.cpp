@@ -55,23 +55,47 @@ at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& qweight, const c10
   return at::empty(shape, x.options());
 }
 
-at::Tensor linear_codes_op(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& x,
-                           const at::Tensor& qweight, const c10::optional<at::Tensor>& w_scale, const at::Tensor& r_in,
-                           const c10::optional<at::Tensor>& r_out, const c10::optional<at::Tensor>& bias,
-                           int64_t in_features, int64_t wbits, int64_t abits) {
-  auto layer = layer_from_args(qweight, w_scale, c10::nullopt, r_in, r_out, bias, c10::nullopt, in_features, wbits,
-                               abits, "dynamic");
-  return linear_from_codes(codes, scales, x, layer);
+// The layers of linear_codes_group, from its lists (one entry per layer).
+std::vector<LayerPack> group_from_args(at::TensorList qweights, const c10::List<c10::optional<at::Tensor>>& w_scales,
+                                       const at::Tensor& r_in, const c10::List<c10::optional<at::Tensor>>& r_outs,
+                                       const c10::List<c10::optional<at::Tensor>>& biases, int64_t in_features,
+                                       int64_t wbits, int64_t abits) {
+  const size_t n = qweights.size();
+  TORCH_CHECK(w_scales.size() == n && r_outs.size() == n && biases.size() == n,
+              "duquant::linear_codes_group: ", n, " qweights but ", w_scales.size(), " w_scales, ", r_outs.size(),
+              " r_outs and ", biases.size(), " biases");
+  std::vector<LayerPack> layers;
+  for (size_t i = 0; i < n; ++i)
+    layers.push_back(layer_from_args(qweights[i], w_scales.get(i), c10::nullopt, r_in, r_outs.get(i), biases.get(i),
+                                     c10::nullopt, in_features, wbits, abits, "dynamic"));
+  return layers;
 }
 
-at::Tensor linear_codes_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& x, const at::Tensor& qweight,
-                             const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                             const c10::optional<at::Tensor>&, int64_t in_features, int64_t, int64_t) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "duquant::linear_codes: input's last dimension must be ",
-              in_features, ", got ", x.sizes());
-  auto shape = x.sizes().vec();
-  shape.back() = qweight.size(0);
-  return at::empty(shape, x.options());
+std::vector<at::Tensor> linear_codes_group_op(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& x,
+                                              at::TensorList qweights,
+                                              const c10::List<c10::optional<at::Tensor>>& w_scales,
+                                              const at::Tensor& r_in,
+                                              const c10::List<c10::optional<at::Tensor>>& r_outs,
+                                              const c10::List<c10::optional<at::Tensor>>& biases, int64_t in_features,
+                                              int64_t wbits, int64_t abits) {
+  return linear_from_codes_group(
+      codes, scales, x, group_from_args(qweights, w_scales, r_in, r_outs, biases, in_features, wbits, abits));
+}
+
+std::vector<at::Tensor> linear_codes_group_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& x,
+                                                at::TensorList qweights, const c10::List<c10::optional<at::Tensor>>&,
+                                                const at::Tensor&, const c10::List<c10::optional<at::Tensor>>&,
+                                                const c10::List<c10::optional<at::Tensor>>&, int64_t in_features,
+                                                int64_t, int64_t) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features,
+              "duquant::linear_codes_group: input's last dimension must be ", in_features, ", got ", x.sizes());
+  std::vector<at::Tensor> out;
+  for (const auto& w : qweights) {
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    out.push_back(at::empty(shape, x.options()));
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_input_op(const at::Tensor& x, const c10::optional<at::Tensor>& perm,
@@ -105,11 +129,12 @@ TORCH_LIBRARY(duquant, m) {
       "linear(Tensor x, Tensor qweight, Tensor? w_scale, Tensor? perm, Tensor r_in, Tensor? r_out, Tensor? bias, "
       "Tensor? act_scale, int in_features, int wbits, int abits, str act, bool quantize_acts) -> Tensor");
   m.def("quantize_input(Tensor x, Tensor? perm, Tensor r_in, Tensor? static_scale, int abits) -> (Tensor, Tensor)");
-  // The GEMM half of linear, from quantize_input's codes and scales (layers sharing an input transform).
-  // r_in only gives the block size; x the output's dtype and shape.
+  // The GEMM half of linear for sibling layers sharing an input transform (q/k/v, gate/up), from
+  // quantize_input's codes and scales: one output each, one GEMM launch where it can. r_in only
+  // gives the block size; x the outputs' dtype and shape.
   m.def(
-      "linear_codes(Tensor codes, Tensor scales, Tensor x, Tensor qweight, Tensor? w_scale, Tensor r_in, "
-      "Tensor? r_out, Tensor? bias, int in_features, int wbits, int abits) -> Tensor");
+      "linear_codes_group(Tensor codes, Tensor scales, Tensor x, Tensor[] qweights, Tensor?[] w_scales, Tensor r_in, "
+      "Tensor?[] r_outs, Tensor?[] biases, int in_features, int wbits, int abits) -> Tensor[]");
   m.def(
       "observe_activations(Tensor x, Tensor? perm, Tensor r_in, Tensor(a!) act_scale, Tensor(b!) calib_state, "
       "int abits, str act, float act_pct, int calib_steps) -> ()",
@@ -120,13 +145,13 @@ TORCH_LIBRARY(duquant, m) {
 TORCH_LIBRARY_IMPL(duquant, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_op);
   m.impl("quantize_input", &quantize_input_op);
-  m.impl("linear_codes", &linear_codes_op);
+  m.impl("linear_codes_group", &linear_codes_group_op);
 }
 
 TORCH_LIBRARY_IMPL(duquant, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("quantize_input", &quantize_input_meta);
-  m.impl("linear_codes", &linear_codes_meta);
+  m.impl("linear_codes_group", &linear_codes_group_meta);
 }
 
 }  // namespace duquant

@@ -109,6 +109,28 @@ def test_explicit_input_groups_and_their_errors():
     assert ["q_proj", "k_proj", "v_proj"] in _C.sibling_sets()
 
 
+def test_group_op_from_codes_on_cpu_and_its_errors():
+    model = make_model()
+    dq.quantize_(model, dq.Config())
+    a = model.layers[0].self_attn
+    layers = (a.q_proj, a.k_proj, a.v_proj)
+    x = outlier_acts(6, 48)
+    codes, scales = torch.ops.duquant.quantize_input(x, a.q_proj.perm, a.q_proj.r_in, None, 8)
+    outs = torch.ops.duquant.linear_codes_group(
+        codes, scales, x, [m.qweight for m in layers], [m.w_scale for m in layers], a.q_proj.r_in,
+        [m.r_out for m in layers], [m.bias for m in layers], 48, 4, 8)
+    for got, layer in zip(outs, layers):
+        assert torch.equal(got, layer(x))  # the reference on the same codes
+    with pytest.raises(ValueError, match=r"linear_codes_group: want int8 codes \[6, 48\] and float32 scales \[6\]"):
+        torch.ops.duquant.linear_codes_group(
+            codes[:5], scales, x, [a.q_proj.qweight], [a.q_proj.w_scale], a.q_proj.r_in, [a.q_proj.r_out], [None],
+            48, 4, 8)
+    with pytest.raises(RuntimeError, match="1 qweights but 2 w_scales"):
+        torch.ops.duquant.linear_codes_group(
+            codes, scales, x, [a.q_proj.qweight], [a.q_proj.w_scale] * 2, a.q_proj.r_in, [a.q_proj.r_out], [None],
+            48, 4, 8)
+
+
 def test_load_pack_relinks_and_load_state_dict_unlinks(tmp_path):
     model = make_model()
     dq.quantize_(model, dq.Config())
@@ -142,13 +164,15 @@ def cuda_block(d=512, kv=128, h=1024, dtype=torch.bfloat16):
     return model.cuda()
 
 
-def input_kernels_launched(fn):
+def kernels_launched(fn):
+    """(input kernels, GEMM kernels, all names) that fn launched."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(1 for n in names if any(k in n for k in ("rotate_", "permute_", "quantize_chunk"))), names
+    inputs = sum(1 for n in names if any(k in n for k in ("rotate_", "permute_", "quantize_chunk")))
+    return inputs, sum(1 for n in names if "int_gem" in n), names
 
 
 @needs_cuda
@@ -170,12 +194,34 @@ def test_siblings_equal_each_layer_alone_bitwise(dtype, m):
 
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 50])
-def test_group_runs_one_input_kernel(m):
+def test_group_runs_one_input_kernel_and_one_gemm(m):
     a = cuda_block().layers[0].self_attn
     x = outlier_acts(m, 512).to(torch.bfloat16).cuda()
-    shared, names = input_kernels_launched(lambda: (a.q_proj(x), a.k_proj(x), a.v_proj(x)))
-    unshared, _ = input_kernels_launched(lambda: [alone(layer, x) for layer in (a.q_proj, a.k_proj, a.v_proj)])
-    assert (shared, unshared) == (1, 3), names
+    shared = kernels_launched(lambda: (a.q_proj(x), a.k_proj(x), a.v_proj(x)))
+    unshared = kernels_launched(lambda: [alone(layer, x) for layer in (a.q_proj, a.k_proj, a.v_proj)])
+    assert shared[:2] == (1, 1) and unshared[:2] == (3, 3), (shared[2], unshared[2])
+
+
+@needs_cuda
+@pytest.mark.parametrize("tile", ["stream", "32x32", "64x64", "128x128", "wgmma128", "gemv"])
+@pytest.mark.parametrize("m", [3, 50, 129])
+def test_grouped_gemm_every_tile_bitwise(tile, m):
+    """One launch for q/k/v (widths 512, 128, 128: segments of unequal tile counts) on each mma.sync
+    tile; tiles that cannot take a group (wgmma, the skinny kernel) launch per layer. Outputs
+    poisoned first would show as NaN: every output is fresh and must equal the layer alone."""
+    if tile == "wgmma128" and not dq._C.wgmma_gemm_available():
+        pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
+    a = cuda_block().layers[0].self_attn
+    x = outlier_acts(m, 512, channel_scale=30.0, token_scale=50.0).to(torch.bfloat16).cuda()
+    want = [alone(layer, x) for layer in (a.q_proj, a.k_proj, a.v_proj)]
+    dq._C.set_gemm_tile(tile)
+    try:
+        got = [a.q_proj(x), a.k_proj(x), a.v_proj(x)]
+        ran = dq._C.last_gemm_tile()
+    finally:
+        dq._C.set_gemm_tile("auto")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (tile, ran)
 
 
 @needs_cuda

@@ -130,6 +130,25 @@ struct IntGemmParams {
   DType a16_dtype = DType::kBFloat16;
 };
 
+// A grouped GEMM launch: layers that read the same activation codes (q/k/v, gate/up sharing an
+// input transform) side by side along N, each with its own weights, epilogue operands and output
+// [M, n]. Given to int_gemm_plan and int_gemm with IntGemmParams describing the first layer but
+// n = the segments' sum; same K, wbits, Bo and output dtype for all. A separate struct (its own
+// kernel argument) so the other kernels' parameters stay as they were.
+constexpr int kMaxGemmSegments = 4;
+struct GemmSegment {
+  const void* w = nullptr;
+  const float* w_scale = nullptr;
+  const float* r_out = nullptr;
+  const float* bias = nullptr;
+  void* y = nullptr;
+  int64_t n = 0;
+};
+struct GemmGroup {
+  int segments = 0;
+  GemmSegment segment[kMaxGemmSegments];
+};
+
 // True when the GEMM kernels can run these sizes (K % 32 == 0, Bo divides a tile width).
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
 
@@ -146,9 +165,12 @@ struct IntGemmPlan {
                              // kernel deals them out evenly itself)
   int counters = 0;          // output tiles of split 64x64 tiles (else 0)
   size_t workspace_bytes = 0;
+  bool grouped = false;      // a grouped launch (a GemmGroup) can run this plan; else launch each
+                             // segment on its own
 };
-IntGemmPlan int_gemm_plan(const IntGemmParams& p);
-cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream);
+IntGemmPlan int_gemm_plan(const IntGemmParams& p, const GemmGroup* group = nullptr);
+cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream_t stream,
+                     const GemmGroup* group = nullptr);
 
 // Weight-only: y = restore( s_n[n] * sum_k a16[m, k] * w[n, k] ) + bias, int4 weights (wbits 2..4).
 bool wo_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
