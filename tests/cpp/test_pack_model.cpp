@@ -1,9 +1,12 @@
-// pack_linears: grouped packing gives exactly pack_linear's result per layer, and names bad layers.
+// pack_linears: grouped packing gives exactly pack_linear's result per layer, and names bad layers;
+// siblings (share_inputs) get the input transform of their stacked weights.
 #include <algorithm>
 #include <functional>
 #include <limits>
 
 #include "duquant/duquant.h"
+#include "duquant/fast_path.h"
+#include "duquant/pack_linear.h"
 #include "duquant/pack_model.h"
 #include "test_helpers.h"
 
@@ -199,4 +202,50 @@ TEST(PackLinears, ChecksEveryLayerBeforePacking) {
 
 TEST(PackLinears, EmptyListGivesNothing) {
   EXPECT_TRUE(duquant::pack_linears({}).empty());
+}
+
+TEST(PackLinears, SiblingsShareTheTransformOfTheirStackedWeights) {
+  const Config cfg;
+  std::vector<LinearToPack> layers;
+  uint64_t seed = 40;
+  for (const char* name : {"blocks.0.q_proj", "blocks.0.k_proj", "blocks.0.v_proj", "blocks.0.o_proj", "blocks.1.q_proj"}) {
+    const int64_t n = std::string(name).find("k_proj") != std::string::npos ||
+                              std::string(name).find("v_proj") != std::string::npos
+                          ? 16
+                          : 48;
+    layers.push_back(LinearToPack{name, outlier_weight(n, 70, seed++), c10::nullopt, cfg});
+  }
+  duquant::PackModelOptions options;
+  options.share_inputs = true;
+  const auto groups = duquant::sibling_input_groups(layers, options);
+  EXPECT_FALSE(groups[0].empty());
+  EXPECT_EQ(groups[0], groups[1]);
+  EXPECT_EQ(groups[0], groups[2]);
+  EXPECT_TRUE(groups[3].empty() && groups[4].empty());  // o_proj is no sibling; blocks.1 has no k/v
+  const auto packed = duquant::pack_linears(layers, {}, options);
+
+  // The transform of [W_k; W_q; W_v] (name order), whatever order the caller lists them in.
+  const auto stacked = torch::cat({layers[1].weight, layers[0].weight, layers[2].weight}).to(torch::kFloat64);
+  const auto t = duquant::shared_input_transform(stacked, cfg);
+  for (size_t i = 0; i < 3; ++i) {
+    expect_same_tensor(packed[i].pack.perm, t.perm, layers[i].name + ".perm");
+    expect_same_tensor(packed[i].pack.r_in, t.r_in.to(torch::kFloat32), layers[i].name + ".r_in");
+    // Its own output rotation: the one it gets alone.
+    const auto alone = duquant::pack_linear(layers[i].weight, c10::nullopt, cfg, layers[i].name);
+    expect_same_tensor(packed[i].pack.r_out, alone.r_out, layers[i].name + ".r_out");
+    packed[i].pack.validate(layers[i].name);
+  }
+  for (size_t i = 3; i < 5; ++i)
+    expect_same_pack(packed[i].pack, duquant::pack_linear(layers[i].weight, c10::nullopt, cfg, layers[i].name),
+                     layers[i].name);
+
+  // One set of codes serves all three: the group's outputs are each layer's own (CPU: the reference).
+  const auto x = torch::randn({5, 70});
+  auto [codes, scales] = duquant::quantize_input(x, packed[0].pack.perm, packed[0].pack.r_in, torch::Tensor(), 8);
+  const auto ys = duquant::linear_from_codes_group(codes, scales, x, {packed[0].pack, packed[1].pack, packed[2].pack});
+  ASSERT_EQ(ys.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    expect_same_tensor(ys[i], duquant::linear_forward(x, packed[i].pack), layers[i].name + " output");
+  EXPECT_THROW(duquant::linear_from_codes_group(codes.narrow(0, 0, 4), scales, x, {packed[0].pack}),
+               std::invalid_argument);
 }

@@ -160,6 +160,27 @@ def test_pack_sharded_checkpoint_matches_quantize_and_copies_the_rest(checkpoint
     assert torch.equal(loaded(x), reference(x))
 
 
+def test_siblings_share_an_input_transform_unless_told_not_to(checkpoint, tmp_path):
+    shared, alone = tmp_path / "shared.safetensors", tmp_path / "alone.safetensors"
+    assert run(PACK, checkpoint["index"], "-o", shared).returncode == 0
+    r = run(PACK, checkpoint["index"], "-o", alone, "--no-share-inputs")
+    assert r.returncode == 0, r.stderr
+    s, a = read_raw_safetensors(shared)[0], read_raw_safetensors(alone)[0]
+    for i in range(2):
+        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            keys = [f"layers.{i}.{parent}.{n}" for n in names]
+            for what in ("perm", "r_in"):
+                assert len({s[f"{k}.{what}"][2] for k in keys}) == 1, (keys, what)  # one transform
+                assert len({a[f"{k}.{what}"][2] for k in keys}) > 1 or what == "perm", (keys, what)
+        assert s[f"layers.{i}.self_attn.o_proj.r_in"] == a[f"layers.{i}.self_attn.o_proj.r_in"]
+    # Loaded, the siblings are linked again.
+    model = model_from(checkpoint["state"])
+    dq.load_pack(model, shared)
+    assert model.layers[0].self_attn.k_proj._input_share is model.layers[0].self_attn.q_proj._input_share
+    assert model.layers[0].self_attn.q_proj._input_share is not None
+    assert "--no-share-inputs" in run(PACK, "--help").stdout
+
+
 def test_inspect_text_and_json(checkpoint, tmp_path):
     out = tmp_path / "p.safetensors"
     assert run(PACK, checkpoint["index"], "-o", out, "--abits", "0", "--wbits-for", "k_proj:8").returncode == 0
