@@ -58,4 +58,7 @@ rows, so the fast path quantizes their common input once. share_inputs: also gro
 Errors name the layer.)doc");
   m.def("sibling_sets", [] { return duquant::kSiblingSets; },
         "Names of children of one module that read the same input (what share_inputs groups).");
+  m.def("sibling_set_of", &duquant::sibling_set_of, py::arg("parent"), py::arg("child"),
+        "Index into sibling_sets() of the child `child` of module `parent` (dotted names), -1 for none "
+        "(and for children of cross-attention modules).");
 }

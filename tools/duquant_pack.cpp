@@ -210,7 +210,7 @@ int run(int argc, char** argv) {
   std::vector<duquant::LinearToPack> todo;
   std::set<std::string> packed_tensors;
   for (const auto& l : selected) {
-    duquant::LinearToPack item{l.name, checkpoint.tensor(l.weight_tensor), c10::nullopt, l.config};
+    duquant::LinearToPack item{l.name, checkpoint.tensor(l.weight_tensor), c10::nullopt, l.config, ""};
     if (l.bias_tensor) item.bias = checkpoint.tensor(*l.bias_tensor);
     packed_tensors.insert(l.weight_tensor);
     if (l.bias_tensor) packed_tensors.insert(*l.bias_tensor);

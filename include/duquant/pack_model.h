@@ -43,13 +43,19 @@ struct PackModelOptions {
   std::function<void(size_t index, const torch::Tensor& weight, const LayerPack& pack)> on_packed;
   // Layers without an input_group that are siblings reading one input (kSiblingSets: children of
   // one module named q_proj/k_proj/v_proj, gate_proj/up_proj, ...) with equal in_features, config
-  // and device, and dynamic activation quantization, are packed as one input group.
+  // and device, and dynamic activation quantization, are packed as one input group. Children of a
+  // cross-attention module (its name or its parent's contains "cross", or is "encoder_attn") read
+  // two inputs and are left alone.
   bool share_inputs = false;
 };
 
 // Names of children of one module that read the same input, one set per line of model code that
 // feeds them: attention projections and gated MLPs in the common naming schemes.
 extern const std::vector<std::vector<std::string>> kSiblingSets;
+
+// Which of kSiblingSets the child `child` of the module `parent` (dotted names) belongs to, -1 for
+// none (and for every child of a cross-attention module). The one rule for packing and linking.
+int sibling_set_of(const std::string& parent, const std::string& child);
 
 // The input groups share_inputs forms from names: "" for layers in none, else "<parent>:<set>".
 std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& layers, const PackModelOptions& options);

@@ -23,6 +23,9 @@ class DuQuantLinear(nn.Module):
     makes an empty layer of the right shapes for ``load_state_dict`` to fill.
     """
 
+    _input_share = None  # a SharedInput when siblings share this input transform (shared_input.py)
+    _fast = None  # whether the fast path runs this layer (None: not looked up since the buffers changed)
+
     def __init__(self, in_features: int, out_features: int, config: _C.Config, bias: bool = True,
                  device=None):
         super().__init__()
@@ -63,7 +66,7 @@ class DuQuantLinear(nn.Module):
         for name in _BUFFERS:
             self.register_buffer(name, getattr(pack, name))
         self._known_calibrated = not self.config.needs_calibration
-        self._input_share = None  # a SharedInput when siblings share this input transform (shared_input.py)
+        self._leave_input_share()
 
     # ---- calibration (static act modes) --------------------------------------------------------
     @property
@@ -90,6 +93,12 @@ class DuQuantLinear(nn.Module):
             self._known_calibrated = False
 
     # ---- forward ------------------------------------------------------------------------------
+    def _runs_fast(self) -> bool:
+        """execution_path == "cuda", remembered until the buffers move or change."""
+        if self._fast is None:
+            self._fast = self.execution_path == "cuda"
+        return self._fast
+
     @property
     def execution_path(self) -> str:
         """``"cuda"`` when forward runs the fast kernels for inputs on this layer's device, else
@@ -107,10 +116,12 @@ class DuQuantLinear(nn.Module):
             quantize_acts = False  # this batch was a calibration batch
         wbits, abits, act = self._op_args
         share = self._input_share
-        if (share is not None and quantize_acts and x.is_cuda and x.dtype in _INPUT_DTYPES and x.dim() >= 1
-                and x.shape[-1] == self.in_features and not _compiling()):
+        if (share is not None and not _compiling() and quantize_acts and x.is_cuda and x.dtype in _INPUT_DTYPES
+                and x.dim() >= 1 and x.shape[-1] == self.in_features and self._runs_fast()):
             # Siblings with this input transform (q/k/v, gate/up) quantize a common input once.
-            return share.forward(self, x)
+            y = share.forward(self, x)
+            if y is not None:
+                return y
         return torch.ops.duquant.linear(
             x, self.qweight, self.w_scale, self.perm, self.r_in, self.r_out, self.bias, self.act_scale,
             self.in_features, wbits, abits, act, quantize_acts)
@@ -124,7 +135,17 @@ class DuQuantLinear(nn.Module):
             t = getattr(self, name)
             if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                 setattr(self, name, t.float())
+        self._fast = None
+        if self._input_share is not None:
+            self._input_share.forget()  # outputs made on the old device
         return self
+
+    def _leave_input_share(self) -> None:
+        """Quantizes alone from now on (link_shared_inputs links again where transforms match)."""
+        if self._input_share is not None:
+            self._input_share.remove(self)
+        self._input_share = None
+        self._fast = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -140,7 +161,7 @@ class DuQuantLinear(nn.Module):
                                       unexpected_keys, error_msgs)
         self._known_calibrated = not self.config.needs_calibration
         # The loaded transform may differ from the siblings': quantize alone (link_shared_inputs relinks).
-        self._input_share = None
+        self._leave_input_share()
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -148,7 +169,7 @@ class DuQuantLinear(nn.Module):
         if self.config.needs_calibration:
             s += ", calibrated=" + ("true" if self._known_calibrated else "pending")
         if self._input_share is not None:
-            s += f", input quantized once for {self._input_share.size} sibling layers"
+            s += f", input transform shared by {self._input_share.size} sibling layers"
         return s
 
     def nbytes(self) -> int:

@@ -18,6 +18,7 @@ DEFAULT_EXCLUDE = r"(?:^|\.)(?:norm|ln|layernorm|emb)(?:\.|$)"
 
 Pattern = Union[str, "re.Pattern[str]", None]
 
+
 @dataclass
 class LayerReport:
     name: str
@@ -102,7 +103,8 @@ def quantize_(model: nn.Module, config: Optional[_C.Config] = None, include: Pat
     consider every nn.Linear. Returns a QuantizeReport (print it for a table).
 
     share_inputs (default True): sibling layers that read the same input (q_proj/k_proj/v_proj,
-    gate_proj/up_proj, ...: ``_C.sibling_sets()``), with dynamic activation scales, get one input transform, computed from their
+    gate_proj/up_proj, ...: ``_C.sibling_sets()``), with dynamic activation scales, get one input
+    transform, computed from their
     weights stacked by rows, so on the fast path their common input is quantized once (fewer kernel
     launches per block: see shared_input.py). Each layer keeps its own output rotation and weight
     codes; False packs every layer alone.

@@ -130,8 +130,9 @@ struct GemmLaunch {
 // The GEMM of `layer` for m tokens into y [m, n]: reading int8 codes and per-token scales (a,
 // a_scale) or, weight-only, the transformed activations a16. Split-k scratch comes from the caching
 // allocator (stream-ordered, graph-safe); its counters still need zeroing (plan.counters ints).
+// plan = false leaves the plan to the caller (a grouped launch plans for the whole group).
 GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale, const void* a16, torch::Tensor& y,
-                     int64_t m, const LaunchContext& ctx) {
+                     int64_t m, const LaunchContext& ctx, bool plan = true) {
   const Config& cfg = layer.config;
   GemmLaunch g;
   kernels::IntGemmParams& p = g.p;
@@ -159,7 +160,7 @@ GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale
   p.tile = static_cast<kernels::GemmTile>(gemm_tile_index());
   p.splits = gemm_splits();
   p.chain = ctx.chain;
-  if (!a16) g.plan = kernels::int_gemm_plan(p);
+  if (!a16 && plan) g.plan = kernels::int_gemm_plan(p);
   if (g.plan.workspace_bytes > 0) {
     g.workspace = torch::empty({static_cast<int64_t>(g.plan.workspace_bytes)}, y.options().dtype(torch::kUInt8));
     p.workspace = g.workspace.data_ptr();
@@ -241,7 +242,8 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
   }
   std::vector<torch::Tensor> ys;
   for (const auto& l : layers) ys.push_back(torch::empty({m, l.out_features}, x.options()));
-  GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, ys[0], m, ctx);
+  GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, ys[0], m, ctx,
+                           /*plan=*/false);
   kernels::IntGemmParams& p = g.p;
   kernels::GemmGroup group;
   group.segments = static_cast<int>(layers.size());

@@ -2,6 +2,9 @@
 // TorchScript and torch.compile see one set of entry points.
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "duquant/act_quant.h"
 #include "duquant/fast_path.h"
 #include "duquant/reference_forward.h"
@@ -61,9 +64,10 @@ std::vector<LayerPack> group_from_args(at::TensorList qweights, const c10::List<
                                        const c10::List<c10::optional<at::Tensor>>& biases, int64_t in_features,
                                        int64_t wbits, int64_t abits) {
   const size_t n = qweights.size();
-  TORCH_CHECK(w_scales.size() == n && r_outs.size() == n && biases.size() == n,
-              "duquant::linear_codes_group: ", n, " qweights but ", w_scales.size(), " w_scales, ", r_outs.size(),
-              " r_outs and ", biases.size(), " biases");
+  if (w_scales.size() != n || r_outs.size() != n || biases.size() != n)
+    throw std::invalid_argument("duquant::linear_codes_group: " + std::to_string(n) + " qweights but " +
+                                std::to_string(w_scales.size()) + " w_scales, " + std::to_string(r_outs.size()) +
+                                " r_outs and " + std::to_string(biases.size()) + " biases");
   std::vector<LayerPack> layers;
   for (size_t i = 0; i < n; ++i)
     layers.push_back(layer_from_args(qweights[i], w_scales.get(i), c10::nullopt, r_in, r_outs.get(i), biases.get(i),

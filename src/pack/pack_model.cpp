@@ -1,6 +1,7 @@
 #include "duquant/pack_model.h"
 
 #include <algorithm>
+#include <cctype>
 #include <set>
 #include <stdexcept>
 
@@ -183,6 +184,23 @@ std::vector<LayerPack> pack_input_group(const std::vector<LinearToPack>& layers,
 const std::vector<std::vector<std::string>> kSiblingSets = {
     {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"}, {"wq", "wk", "wv"}, {"w1", "w3"}};
 
+int sibling_set_of(const std::string& parent, const std::string& child) {
+  // Cross-attention reads two inputs (q the decoder's states, k/v the encoder's): not siblings.
+  // The module's own name or its parent's (BERT: crossattention.self.query).
+  std::string tail = parent;
+  std::transform(tail.begin(), tail.end(), tail.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  for (int level = 0; level < 2 && !tail.empty(); ++level) {
+    const auto dot = tail.rfind('.');
+    const std::string name = tail.substr(dot == std::string::npos ? 0 : dot + 1);
+    if (name.find("cross") != std::string::npos || name == "encoder_attn") return -1;
+    tail = dot == std::string::npos ? "" : tail.substr(0, dot);
+  }
+  for (size_t s = 0; s < kSiblingSets.size(); ++s)
+    if (std::find(kSiblingSets[s].begin(), kSiblingSets[s].end(), child) != kSiblingSets[s].end())
+      return static_cast<int>(s);
+  return -1;
+}
+
 std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& layers,
                                               const PackModelOptions& options) {
   std::vector<std::string> group(layers.size());
@@ -194,9 +212,9 @@ std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& l
     const auto dot = l.name.rfind('.');
     const std::string parent = dot == std::string::npos ? "" : l.name.substr(0, dot);
     const std::string child = dot == std::string::npos ? l.name : l.name.substr(dot + 1);
-    for (size_t s = 0; s < kSiblingSets.size(); ++s) {
+    const int s = sibling_set_of(parent, child);
+    if (s >= 0) {
       const auto& set = kSiblingSets[s];
-      if (std::find(set.begin(), set.end(), child) == set.end()) continue;
       std::string joined;
       for (const auto& c : set) joined += (joined.empty() ? "" : "/") + c;
       const torch::Device device = options.device ? *options.device : l.weight.device();

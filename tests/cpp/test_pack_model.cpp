@@ -62,7 +62,7 @@ std::vector<LinearToPack> mixed_layers() {
     auto w = outlier_weight(n, k, seed++).to(dtype);
     c10::optional<torch::Tensor> b;
     if (bias) b = torch::randn({n}).to(dtype);
-    layers.push_back(LinearToPack{name, w, b, cfg});
+    layers.push_back(LinearToPack{name, w, b, cfg, ""});
   };
   for (int i = 0; i < 4; ++i) add("blocks." + std::to_string(i) + ".q_proj", 48, 70, w4, torch::kFloat32, false);
   add("blocks.0.o_proj", 48, 70, w4, torch::kBFloat16, true);  // same group, other dtype, a bias
@@ -213,7 +213,7 @@ TEST(PackLinears, SiblingsShareTheTransformOfTheirStackedWeights) {
                               std::string(name).find("v_proj") != std::string::npos
                           ? 16
                           : 48;
-    layers.push_back(LinearToPack{name, outlier_weight(n, 70, seed++), c10::nullopt, cfg});
+    layers.push_back(LinearToPack{name, outlier_weight(n, 70, seed++), c10::nullopt, cfg, ""});
   }
   duquant::PackModelOptions options;
   options.share_inputs = true;

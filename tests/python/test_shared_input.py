@@ -1,6 +1,7 @@
 """Sibling layers with one input transform (q/k/v_proj, gate/up_proj): packing and linking on any
 device; on CUDA, the common input quantized once with answers identical to each layer alone."""
 import copy
+import io
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_quantize_links_siblings_and_reports_them():
         for m in group[1:]:
             assert m._input_share is share
             assert torch.equal(m.perm, group[0].perm) and torch.equal(m.r_in, group[0].r_in)
-        assert "input quantized once" in repr(group[0])
+        assert "input transform shared by" in repr(group[0])
     assert attn.o_proj._input_share is None and mlp.down_proj._input_share is None
     # Blocks do not share with each other.
     assert model.layers[1].self_attn.q_proj._input_share is not attn.q_proj._input_share
@@ -107,6 +108,29 @@ def test_explicit_input_groups_and_their_errors():
     with pytest.raises(ValueError, match=r"b: weight contains NaN/Inf \(first at row 2, column 5\)"):
         _C.pack_linears([("a", w[0], None, cfg, "g"), ("b", bad, None, cfg, "g")])
     assert ["q_proj", "k_proj", "v_proj"] in _C.sibling_sets()
+    assert _C.sibling_set_of("model.layers.3.self_attn", "k_proj") == _C.sibling_sets().index(
+        ["q_proj", "k_proj", "v_proj"])
+    assert _C.sibling_set_of("model.layers.3.self_attn", "o_proj") == -1
+    assert _C.sibling_set_of("decoder.layers.0.encoder_attn", "k_proj") == -1  # cross-attention: two inputs
+    assert _C.sibling_set_of("bert.layer.0.crossattention.self", "query") == -1
+    assert _C.sibling_set_of("bert.layer.0.attention.self", "query") >= 0
+    assert _C.sibling_set_of("layers.0.CrossAttention", "q_proj") == -1
+
+
+def test_only_named_siblings_link_even_with_equal_transforms():
+    """Without rotation or permutation every layer of a width has the same (trivial) transform; only
+    the sibling sets link, and cross-attention children stay apart."""
+    model = make_model()
+    cross = nn.Module()
+    cross.q_proj, cross.k_proj, cross.v_proj = (nn.Linear(48, 16, bias=False) for _ in range(3))
+    model.layers[0].add_module("encoder_attn", cross)
+    cfg = dq.Config(block_size=1, permute=False)
+    report = dq.quantize_(model, cfg, include=None, exclude="lm_head")
+    names = sum(report.shared_inputs, [])
+    assert "layers.0.self_attn.o_proj" not in names and "layers.0.mlp.down_proj" not in names
+    assert not any("encoder_attn" in n for n in names)
+    assert ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"] in \
+        report.shared_inputs
 
 
 def test_group_op_from_codes_on_cpu_and_its_errors():
@@ -125,7 +149,7 @@ def test_group_op_from_codes_on_cpu_and_its_errors():
         torch.ops.duquant.linear_codes_group(
             codes[:5], scales, x, [a.q_proj.qweight], [a.q_proj.w_scale], a.q_proj.r_in, [a.q_proj.r_out], [None],
             48, 4, 8)
-    with pytest.raises(RuntimeError, match="1 qweights but 2 w_scales"):
+    with pytest.raises(ValueError, match="1 qweights but 2 w_scales"):
         torch.ops.duquant.linear_codes_group(
             codes, scales, x, [a.q_proj.qweight], [a.q_proj.w_scale] * 2, a.q_proj.r_in, [a.q_proj.r_out], [None],
             48, 4, 8)
@@ -263,3 +287,60 @@ def test_shared_model_in_cuda_graph_and_compile():
     for got, want in zip(compiled(h), shared):
         assert torch.equal(got, want)
     assert eager.isfinite().all()
+
+
+@needs_cuda
+def test_inference_mode_other_streams_and_replicas():
+    a = cuda_block().layers[0].self_attn
+    layers = (a.q_proj, a.k_proj, a.v_proj)
+    x = outlier_acts(50, 512, channel_scale=30.0, token_scale=50.0).to(torch.bfloat16).cuda()
+    want = [alone(layer, x) for layer in layers]
+    with torch.inference_mode():  # inference tensors have no version counter
+        xi = x.clone()
+        got = [layer(xi) for layer in layers]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # A sibling on another stream does not take an output made on this one.
+    a.q_proj(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        k_side = a.k_proj(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(k_side, want[1])
+    # A shallow copy (what nn.DataParallel's replicas are) is no member: it runs alone.
+    replica = copy.copy(a.v_proj)
+    assert replica._input_share is a.v_proj._input_share
+    assert torch.equal(replica(x), want[2])
+
+
+@needs_cuda
+def test_siblings_that_read_different_inputs_switch_to_sharing_codes():
+    """Cross-attention: q reads one input, k/v another. The first miss that leaves outputs untaken
+    turns the group to codes mode: each member runs its own GEMM, k and v still share codes."""
+    a = cuda_block().layers[0].self_attn
+    share = a.q_proj._input_share
+    x1 = outlier_acts(7, 512).to(torch.bfloat16).cuda()
+    x2 = outlier_acts(9, 512).to(torch.bfloat16).cuda()
+    for step in range(3):
+        assert torch.equal(a.q_proj(x1), alone(a.q_proj, x1))
+        assert torch.equal(a.k_proj(x2), alone(a.k_proj, x2))
+        assert torch.equal(a.v_proj(x2), alone(a.v_proj, x2))
+    assert not share.grouped
+    inputs, gemms, names = kernels_launched(lambda: (a.q_proj(x1), a.k_proj(x2), a.v_proj(x2)))
+    assert (inputs, gemms) == (2, 3), names
+
+
+def test_deepcopy_and_pickle_keep_groups_apart():
+    model = make_model()
+    dq.quantize_(model, dq.Config())
+    clone = copy.deepcopy(model)
+    a, b = model.layers[0].self_attn, clone.layers[0].self_attn
+    assert b.q_proj._input_share is b.k_proj._input_share is not a.q_proj._input_share
+    assert all(m is n for m, n in zip(b.q_proj._input_share.members, (b.q_proj, b.k_proj, b.v_proj)))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False) if "weights_only" in torch.load.__code__.co_varnames \
+        else torch.load(buffer)
+    x = outlier_acts(4, 48)
+    assert torch.equal(loaded(x), model(x))
