@@ -79,7 +79,7 @@ class SharedInput:
 
     def _unchanged(self, layer) -> bool:
         then, now = self._operands.get(id(layer), []), self._buffers(layer)
-        return len(then) == len(now) and all(r() is b and v == b._version for (r, v), b in zip(then, now))
+        return len(then) == len(now) and all(r() is b and v == _version(b) for (r, v), b in zip(then, now))
 
     @staticmethod
     def _context(x: torch.Tensor):
@@ -130,7 +130,7 @@ class SharedInput:
         self.forget()
         self._x, self._key = x, context
         self._outputs = {id(m): o for m, o in zip(members, outs) if m is not layer}
-        self._operands = {id(m): [(weakref.ref(t), t._version) for t in self._buffers(m)] for m in members}
+        self._operands = {id(m): [(weakref.ref(t), _version(t)) for t in self._buffers(m)] for m in members}
         if not self._outputs:
             self.forget()
         return next(o for m, o in zip(members, outs) if m is layer)

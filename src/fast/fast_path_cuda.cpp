@@ -235,7 +235,7 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
   LaunchContext ctx = launch_context(codes.device());
   ctx.chain = ctx.chain && chain;
   const int64_t m = codes.size(0);
-  if (layers.size() > static_cast<size_t>(kernels::kMaxGemmSegments)) {
+  if (layers.size() == 1 || layers.size() > static_cast<size_t>(kernels::kMaxGemmSegments)) {
     std::vector<torch::Tensor> out;
     for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
     return out;
