@@ -20,12 +20,15 @@ from torch import nn
 
 import duquant_ext as dq
 
-# (label, parent attribute names and shapes): the action expert's (width 1024) and an LLM's (2048).
+# (label, parent attribute names and shapes): the action expert's (width 1024) and LLMs' (2048, and
+# 4096 with 8 KV heads of 128 and an 11008-wide MLP).
 GROUPS = [
     ("expert q/k/v", [("q_proj", 1024, 2048), ("k_proj", 1024, 256), ("v_proj", 1024, 256)]),
     ("expert gate/up", [("gate_proj", 1024, 4096), ("up_proj", 1024, 4096)]),
     ("llm q/k/v", [("q_proj", 2048, 2048), ("k_proj", 2048, 256), ("v_proj", 2048, 256)]),
     ("llm gate/up", [("gate_proj", 2048, 16384), ("up_proj", 2048, 16384)]),
+    ("llm4096 q/k/v", [("q_proj", 4096, 4096), ("k_proj", 4096, 1024), ("v_proj", 4096, 1024)]),
+    ("llm4096 gate/up", [("gate_proj", 4096, 11008), ("up_proj", 4096, 11008)]),
 ]
 
 

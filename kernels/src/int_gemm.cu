@@ -321,8 +321,10 @@ bool is_mma_sync_tile(GemmTile t) {
 // widest layer alone would run the wgmma kernel the group still launches once up to M x N = 128 x
 // 8192 (gate/up 1024->8192 at M = 128: 18.1 against 20.7 per layer; q/k/v at M = 256: 18.0
 // against 21.2), past it per layer (2048->32768 at M = 50: 31.8 per layer against 42.6 grouped).
-// Split-k (long rows) and, at K >= 4096, the skinny kernel stay per layer; below K = 4096 the
-// skinny kernel's edge at M <= 4 is 0.1-0.5 us a layer (gemv_sweep_h200.txt), less than a launch.
+// Split-k (long rows) and, at K >= 8192, the skinny kernel stay per layer (its edge there was
+// 21.5 -> 14.7 us on 16384->2048 at M = 1, gemv_sweep_h200.txt); below, one grouped streaming launch
+// beat the skinny kernel per layer (4096-wide q/k/v 4096->6144 at M = 1 11.9 against 16.3 us, at
+// M = 16 15.3 against 20.8; gate/up 4096->22016 at M = 16 31.5 against 39.9).
 IntGemmPlan grouped_plan(const IntGemmParams& p, const GemmGroup& group) {
   IntGemmParams widest = p, whole = p;
   widest.n = whole.n = 0;
@@ -332,7 +334,7 @@ IntGemmPlan grouped_plan(const IntGemmParams& p, const GemmGroup& group) {
   }
   const IntGemmPlan alone = int_gemm_plan(widest);
   const bool forced = p.tile != GemmTile::kAuto;
-  const bool skinny_edge = alone.tile == GemmTile::kGemv && !forced && p.k < 4096;
+  const bool skinny_edge = alone.tile == GemmTile::kGemv && !forced && p.k < 8192;
   const bool wgmma_alone = alone.tile == GemmTile::kWgmma128 || alone.tile == GemmTile::kWgmma256;
   const bool small_group = !forced && p.m * whole.n <= int64_t{128} * 8192;
   const bool mma_alone = is_mma_sync_tile(alone.tile) && alone.splits == 1;
