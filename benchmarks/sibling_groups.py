@@ -11,7 +11,6 @@ the next.
     PYTHONPATH=build/python python3 benchmarks/sibling_groups.py [--m 1,16,50,64,256,1024] [--out FILE]
 """
 import argparse
-import statistics
 import sys
 import time
 
@@ -19,6 +18,13 @@ import torch
 from torch import nn
 
 import duquant_ext as dq
+from fast_path_breakdown import graph_time_us  # benchmarks/ is the script's folder
+
+
+def group_time_us(fn, x, calls, repeats):
+    """graph_time_us of fn(x), with x given a new version before each call (x.add_(0.0)): sharing
+    cannot carry codes or outputs from one group call to the next."""
+    return graph_time_us(lambda: (x.add_(0.0), fn(x)), calls, repeats)
 
 # (label, parent attribute names and shapes): the action expert's (width 1024) and LLMs' (2048, and
 # 4096 with 8 KV heads of 128 and an 11008-wide MLP).
@@ -49,31 +55,6 @@ def solo(layer, x):
     wbits, abits, act = layer._op_args
     return torch.ops.duquant.linear(x, layer.qweight, layer.w_scale, layer.perm, layer.r_in, layer.r_out, layer.bias,
                                     layer.act_scale, layer.in_features, wbits, abits, act, True)
-
-
-def graph_time_us(fn, x, calls, repeats):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            x.add_(0.0)  # a new version of x each call: no reuse across calls
-            fn(x)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    return statistics.median(times)
 
 
 def main():
@@ -122,13 +103,13 @@ def main():
                 # Alone and shared pack different transforms: compare shared with its own layers alone.
                 y_shared = run(shared)(x)
                 same = all(torch.equal(y, solo(getattr(shared, n), x)) for y, n in zip(y_shared, names))
-                t = [graph_time_us(run(mod), x.clone(), args.calls, args.repeats) for mod in (bf16, alone, shared)]
+                t = [group_time_us(run(mod), x.clone(), args.calls, args.repeats) for mod in (bf16, alone, shared)]
             tile = dq._C.last_gemm_tile()
             forced = []
             for name in tiles:
                 dq._C.set_gemm_tile(name)
                 try:
-                    forced.append(graph_time_us(run(shared), x.clone(), args.calls, args.repeats))
+                    forced.append(group_time_us(run(shared), x.clone(), args.calls, args.repeats))
                 finally:
                     dq._C.set_gemm_tile("auto")
             note = f"GEMM {tile}" + ("" if same else "  (outputs differ from alone!)")

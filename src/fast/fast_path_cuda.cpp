@@ -127,18 +127,19 @@ struct GemmLaunch {
   torch::Tensor workspace;
 };
 
-// The GEMM of `layer` for m tokens into y [m, n]: reading int8 codes and per-token scales (a,
-// a_scale) or, weight-only, the transformed activations a16. Split-k scratch comes from the caching
-// allocator (stream-ordered, graph-safe); its counters still need zeroing (plan.counters ints).
-// plan = false leaves the plan to the caller (a grouped launch plans for the whole group).
-GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale, const void* a16, torch::Tensor& y,
-                     int64_t m, const LaunchContext& ctx, bool plan = true) {
+// The GEMM of `layer` for m tokens into y [m, n] (`out`: its dtype and device): reading int8 codes
+// and per-token scales (a, a_scale) or, weight-only, the transformed activations a16. Split-k
+// scratch comes from the caching allocator (stream-ordered, graph-safe); its counters still need
+// zeroing (plan.counters ints). plan = false leaves the plan to the caller (a grouped launch plans
+// for the whole group).
+GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale, const void* a16, void* y,
+                     const torch::TensorOptions& out, int64_t m, const LaunchContext& ctx, bool plan = true) {
   const Config& cfg = layer.config;
   GemmLaunch g;
   kernels::IntGemmParams& p = g.p;
   if (a16) {
     p.a16 = a16;
-    p.a16_dtype = kernel_dtype(y.scalar_type());
+    p.a16_dtype = kernel_dtype(out.dtype().toScalarType());
   } else {
     p.a = static_cast<const int8_t*>(a);
     p.a_scale = a_scale;
@@ -151,8 +152,8 @@ GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale
   p.r_out = f32_or_null(layer.r_out);
   p.block_out = static_cast<int>(layer.r_out.defined() ? layer.r_out.size(1) : 1);
   p.bias = f32_or_null(layer.bias);
-  p.y = y.data_ptr();
-  p.out_dtype = kernel_dtype(y.scalar_type());
+  p.y = y;
+  p.out_dtype = kernel_dtype(out.dtype().toScalarType());
   p.m = m;
   p.n = layer.out_features;
   p.k = layer.in_features;
@@ -162,7 +163,7 @@ GemmLaunch plan_gemm(const LayerPack& layer, const void* a, const float* a_scale
   p.chain = ctx.chain;
   if (!a16 && plan) g.plan = kernels::int_gemm_plan(p);
   if (g.plan.workspace_bytes > 0) {
-    g.workspace = torch::empty({static_cast<int64_t>(g.plan.workspace_bytes)}, y.options().dtype(torch::kUInt8));
+    g.workspace = torch::empty({static_cast<int64_t>(g.plan.workspace_bytes)}, out.dtype(torch::kUInt8));
     p.workspace = g.workspace.data_ptr();
   }
   return g;
@@ -204,7 +205,7 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain
   auto y = torch::empty({m, n}, x.options());
   const GemmLaunch g = plan_gemm(layer, weight_only ? nullptr : codes.data_ptr(),
                                  weight_only ? nullptr : scales.data_ptr<float>(),
-                                 weight_only ? xt.data_ptr() : nullptr, y, m, ctx);
+                                 weight_only ? xt.data_ptr() : nullptr, y.data_ptr(), y.options(), m, ctx);
   // The input kernel zeroes the split-k counters, so no memset joins the chain of kernels.
   run_input_kernel(x2d, layer.perm, layer.r_in, per_tensor ? layer.act_scale : torch::Tensor(),
                    weight_only ? 0 : cfg.abits, codes, scales, ctx, xt, static_cast<int*>(g.p.workspace),
@@ -220,7 +221,8 @@ torch::Tensor forward_codes(const torch::Tensor& codes, const torch::Tensor& sca
   ctx.chain = ctx.chain && chain;
   const int64_t m = codes.size(0), n = layer.out_features;
   auto y = torch::empty({m, n}, x.options());
-  const GemmLaunch g = plan_gemm(layer, codes.data_ptr(), scales.data_ptr<float>(), nullptr, y, m, ctx);
+  const GemmLaunch g =
+      plan_gemm(layer, codes.data_ptr(), scales.data_ptr<float>(), nullptr, y.data_ptr(), y.options(), m, ctx);
   if (g.plan.counters > 0 && m > 0) {  // no input kernel of ours zeroes them here
     g.workspace.narrow(0, 0, static_cast<int64_t>(g.plan.counters) * static_cast<int64_t>(sizeof(int))).zero_();
   }
@@ -240,10 +242,9 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
     for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
     return out;
   }
-  std::vector<torch::Tensor> ys;
-  for (const auto& l : layers) ys.push_back(torch::empty({m, l.out_features}, x.options()));
-  GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, ys[0], m, ctx,
-                           /*plan=*/false);
+  // Planned for the whole group first: outputs are made only for the path that runs.
+  GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, nullptr, x.options(), m,
+                           ctx, /*plan=*/false);
   kernels::IntGemmParams& p = g.p;
   kernels::GemmGroup group;
   group.segments = static_cast<int>(layers.size());
@@ -254,20 +255,22 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
     seg.w_scale = layers[s].w_scale.data_ptr<float>();
     seg.r_out = f32_or_null(layers[s].r_out);
     seg.bias = f32_or_null(layers[s].bias);
-    seg.y = ys[s].data_ptr();
     seg.n = layers[s].out_features;
     p.n += seg.n;
   }
-  const kernels::IntGemmPlan plan = kernels::int_gemm_plan(p, &group);
-  if (plan.grouped) {
-    g.plan = plan;
-    launch_gemm(g, ctx, &group);
-    std::vector<torch::Tensor> out;
-    for (size_t s = 0; s < layers.size(); ++s) out.push_back(output_view(ys[s], x, layers[s].out_features));
+  g.plan = kernels::int_gemm_plan(p, &group);
+  std::vector<torch::Tensor> out;
+  if (!g.plan.grouped) {  // one launch per layer (see int_gemm_plan's grouped rule)
+    for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
     return out;
   }
-  std::vector<torch::Tensor> out;  // one launch per layer (see int_gemm_plan's grouped rule)
-  for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
+  for (size_t s = 0; s < layers.size(); ++s) {
+    auto y = torch::empty({m, layers[s].out_features}, x.options());
+    group.segment[s].y = y.data_ptr();
+    out.push_back(output_view(y, x, layers[s].out_features));
+  }
+  p.y = group.segment[0].y;
+  launch_gemm(g, ctx, &group);
   return out;
 }
 

@@ -99,27 +99,34 @@ std::vector<LayerPack> pack_stack(const std::vector<LinearToPack>& layers, const
   return packs;
 }
 
+// Indices of equal non-empty keys, groups in order of first appearance.
+std::vector<std::vector<size_t>> indices_by_key(const std::vector<std::string>& keys) {
+  std::vector<std::vector<size_t>> groups;
+  std::vector<std::string> seen;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i].empty()) continue;
+    const auto at = std::find(seen.begin(), seen.end(), keys[i]);
+    if (at == seen.end()) {
+      seen.push_back(keys[i]);
+      groups.push_back({i});
+    } else {
+      groups[at - seen.begin()].push_back(i);
+    }
+  }
+  return groups;
+}
+
 // Layers sharing an input transform, by input_group (explicit, else the sibling rule with
 // options.share_inputs) in order of first appearance; groups of one
 // layer are left out (its own transform is the shared one). Members must agree on what the
 // transform depends on.
 std::vector<std::vector<size_t>> input_groups(const std::vector<LinearToPack>& layers,
                                               const PackModelOptions& options) {
-  std::vector<std::vector<size_t>> groups;
-  std::vector<std::string> keys;
-  const std::vector<std::string> by_name =
+  std::vector<std::string> keys =
       options.share_inputs ? sibling_input_groups(layers, options) : std::vector<std::string>(layers.size());
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const std::string& key = layers[i].input_group.empty() ? by_name[i] : layers[i].input_group;
-    if (key.empty()) continue;
-    const auto at = std::find(keys.begin(), keys.end(), key);
-    if (at == keys.end()) {
-      keys.push_back(key);
-      groups.push_back({i});
-    } else {
-      groups[at - keys.begin()].push_back(i);
-    }
-  }
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (!layers[i].input_group.empty()) keys[i] = layers[i].input_group;
+  std::vector<std::vector<size_t>> groups = indices_by_key(keys);
   for (const auto& g : groups) {
     const auto& a = layers[g[0]];
     for (size_t i : g) {
@@ -203,9 +210,7 @@ int sibling_set_of(const std::string& parent, const std::string& child) {
 
 std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& layers,
                                               const PackModelOptions& options) {
-  std::vector<std::string> group(layers.size());
-  std::vector<std::string> keys;
-  std::vector<std::vector<size_t>> members;
+  std::vector<std::string> keys(layers.size());
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];
     if (!l.config.quantize_acts() || l.config.act != ActMode::kDynamic || l.weight.dim() != 2) continue;
@@ -219,20 +224,14 @@ std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& l
       for (const auto& c : set) joined += (joined.empty() ? "" : "/") + c;
       const torch::Device device = options.device ? *options.device : l.weight.device();
       // Everything the shared transform must agree on is in the key; the rest is left alone.
-      const std::string key = parent + ":" + joined + ":" + std::to_string(l.weight.size(1)) + ":" + device.str() +
-                              ":" + l.config.to_json();
-      const auto at = std::find(keys.begin(), keys.end(), key);
-      if (at == keys.end()) {
-        keys.push_back(key);
-        members.push_back({i});
-      } else {
-        members[at - keys.begin()].push_back(i);
-      }
+      keys[i] = parent + ":" + joined + ":" + std::to_string(l.weight.size(1)) + ":" + device.str() + ":" +
+                l.config.to_json();
     }
   }
-  for (size_t g = 0; g < keys.size(); ++g)
-    if (members[g].size() > 1)
-      for (size_t i : members[g]) group[i] = keys[g];
+  std::vector<std::string> group(layers.size());
+  for (const auto& members : indices_by_key(keys))
+    if (members.size() > 1)
+      for (size_t i : members) group[i] = keys[i];
   return group;
 }
 
