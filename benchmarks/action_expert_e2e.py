@@ -171,6 +171,26 @@ def linear_weight_bytes(model: nn.Module, dtype_bytes: int) -> int:
     return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def capture_policy(model, x0):
+    """One CUDA graph over the whole loop (after warm-up on a side stream); returns (run, how).
+    Eager if capture fails, and `how` says so."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(x0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x0)
+        return graph.replay, "CUDA graph of the 10-step loop"
+    except Exception as e:  # noqa: BLE001 - not capturable: eager, stated in the output
+        torch.cuda.synchronize()
+        return (lambda: model(x0)), f"eager (graph capture failed: {' '.join(str(e).split())[:80]})"
+
+
 def time_policy(model, x0, repeats, cuda):
     """Median ms per policy call. CUDA: one graph over the whole loop; returns (ms, spread, how)."""
     if not cuda:
@@ -181,23 +201,7 @@ def time_policy(model, x0, repeats, cuda):
             model(x0)
             samples.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(samples), spread(samples), "eager (CPU)"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model(x0)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    how = "CUDA graph of the 10-step loop"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(x0)
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - not capturable: eager, stated in the output
-        torch.cuda.synchronize()
-        how = f"eager (graph capture failed: {' '.join(str(e).split())[:80]})"
-        run = lambda: model(x0)  # noqa: E731
+    run, how = capture_policy(model, x0)
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -213,6 +217,56 @@ def time_policy(model, x0, repeats, cuda):
     return statistics.median(samples), spread(samples), how
 
 
+def short_kernel_name(name):
+    """A kernel's name without its namespaces, argument list and (for ours) template arguments
+    past the first few, so that launches of one kernel family add up in one row."""
+    base = name.replace("(anonymous namespace)::", "").replace("void ", "").split("(")[0]
+    head, _, targs = base.partition("<")
+    head = head.split("::")[-1]
+    return f"{head}<{targs[:40]}" if targs else head
+
+
+def kernel_costs(model, x0, replays=3):
+    """Per kernel family (ours also per grid shape): (µs per policy call, launches per call), over
+    profiled graph replays.
+    A kernel's cost is the time from the end of the kernel before it to its own end: its launch
+    gap and the part of its run that nothing else covers (chained kernels start early and wait),
+    so the costs add up to the policy call's time on the GPU."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    run, _ = capture_policy(model, x0)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            run()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    costs, counts = {}, {}
+    prev_end = None
+    for e in kernels:
+        end = e["ts"] + e["dur"]
+        name = short_kernel_name(e["name"])
+        if "duquant::" in e["name"]:  # ours by launch shape too: one row per layer kind
+            grid = e.get("args", {}).get("grid")
+            if grid:
+                name = f"{name[:36]} grid {'x'.join(str(g) for g in grid)}"
+        cost = end - prev_end if prev_end is not None and end > prev_end else e["dur"]
+        costs[name] = costs.get(name, 0.0) + max(cost, 0.0)
+        counts[name] = counts.get(name, 0) + 1
+        prev_end = max(prev_end or end, end)
+    return {k: (costs[k] / replays, counts[k] / replays) for k in costs}
+
+
 def spread(samples):
     s = sorted(samples)
     lo, hi = s[int(0.1 * (len(s) - 1))], s[int(math.ceil(0.9 * (len(s) - 1)))]
@@ -225,6 +279,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the results to this file")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, eager")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also profile one policy call of each and print where its time goes, per kernel family")
     args = ap.parse_args()
 
     cuda = not args.cpu_smoke
@@ -300,6 +356,17 @@ def main():
     out(f"headline: DuQuant W4A8 policy call {t_bf16 / t_dq:.2f}x the speed of bf16 "
         f"({t_bf16:.3f} -> {t_dq:.3f} ms, {shape.steps} steps x {shape.tokens} tokens; "
         f"{t_bf16 / t_alone:.2f}x with every linear quantizing its own input)")
+    if args.kernels and cuda:
+        with torch.no_grad():
+            profiles = {"bf16": kernel_costs(bf16, x0_bf16), "W4A8": kernel_costs(quant, x0_bf16)}
+        for label, prof in profiles.items():
+            out()
+            total = sum(c for c, _ in prof.values())
+            out(f"where a {label} policy call's time goes (profiled graph replay, kernel families by cost; "
+                f"total {total / 1e3:.3f} ms)")
+            out(f"{'kernel':<56}{'us/call':>10}{'launches':>10}{'us each':>9}")
+            for name, (cost, n) in sorted(prof.items(), key=lambda kv: -kv[1][0])[:20]:
+                out(f"{name[:55]:<56}{cost:>10.1f}{n:>10.0f}{cost / max(n, 1):>9.2f}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
