@@ -36,8 +36,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // Rows [row0, row0 + ROWS) x bytes [col0, col0 + ROW_BYTES) of a row-major byte matrix (rows x
 // row_bytes, ld bytes between rows) into shared memory with STRIDE bytes between rows, 16 bytes per
 // cp.async; what lies outside the matrix is zero-filled. Every operand load of both GEMMs. The
-// 64-bit arithmetic is done once per call, 32-bit per chunk (rows of codes are far shorter than
-// 2 GB): with 64-bit indices per chunk these loads were a third of the streaming tiles'
+// bounds are worked out once per call and checked per chunk in 32 bits (each is under ROWS or
+// ROW_BYTES): with 64-bit bounds per chunk these loads were a third of the streaming tiles'
 // instructions (ncu, H200, 4096->1024 at M = 50).
 template <int ROWS, int ROW_BYTES, int STRIDE, int THREADS>
 __device__ __forceinline__ void load_tile_async(unsigned char* dst, const unsigned char* src, int64_t ld,
@@ -46,14 +46,13 @@ __device__ __forceinline__ void load_tile_async(unsigned char* dst, const unsign
   const unsigned char* base = src + row0 * ld + col0;
   const int rows_left = static_cast<int>(rows - row0 < ROWS ? rows - row0 : ROWS);
   const int bytes_left = static_cast<int>(row_bytes - col0 < ROW_BYTES ? row_bytes - col0 : ROW_BYTES);
-  const int ld32 = static_cast<int>(ld);
 #pragma unroll
   for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
     const int c = static_cast<int>(threadIdx.x) + i * THREADS;
     if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
     const int r = c / (ROW_BYTES / 16), col = (c % (ROW_BYTES / 16)) * 16;
     const bool ok = r < rows_left && col < bytes_left;
-    cp_async16(dst + r * STRIDE + col, ok ? base + r * ld32 + col : src, ok);
+    cp_async16(dst + r * STRIDE + col, ok ? base + static_cast<int64_t>(r) * ld + col : src, ok);
   }
 }
 
