@@ -36,14 +36,16 @@ __device__ __forceinline__ void cp_async_wait() {
 // Rows [row0, row0 + ROWS) x bytes [col0, col0 + ROW_BYTES) of a row-major byte matrix (rows x
 // row_bytes, ld bytes between rows) into shared memory with STRIDE bytes between rows, 16 bytes per
 // cp.async; what lies outside the matrix is zero-filled. Every operand load of both GEMMs. The
-// bounds are worked out once per call and checked per chunk in 32 bits (each is under ROWS or
-// ROW_BYTES): with 64-bit bounds per chunk these loads were a third of the streaming tiles'
-// instructions (ncu, H200, 4096->1024 at M = 50).
+// 64-bit arithmetic is done once per call, 32-bit per chunk: with 64-bit indices per chunk these
+// loads were a third of the streaming tiles' instructions (ncu, H200, 4096->1024 at M = 50). A
+// tile's rows then lie within 2^31 bytes of its first: rows of up to 2^22 elements (the fast path
+// takes in_features up to kMaxKernelInFeatures).
 template <int ROWS, int ROW_BYTES, int STRIDE, int THREADS>
 __device__ __forceinline__ void load_tile_async(unsigned char* dst, const unsigned char* src, int64_t ld,
                                                 int64_t rows, int64_t row_bytes, int64_t row0, int64_t col0) {
   constexpr int CHUNKS = ROWS * ROW_BYTES / 16;
   const unsigned char* base = src + row0 * ld + col0;
+  const int ld32 = static_cast<int>(ld);
   const int rows_left = static_cast<int>(rows - row0 < ROWS ? rows - row0 : ROWS);
   const int bytes_left = static_cast<int>(row_bytes - col0 < ROW_BYTES ? row_bytes - col0 : ROW_BYTES);
 #pragma unroll
@@ -52,7 +54,7 @@ __device__ __forceinline__ void load_tile_async(unsigned char* dst, const unsign
     if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
     const int r = c / (ROW_BYTES / 16), col = (c % (ROW_BYTES / 16)) * 16;
     const bool ok = r < rows_left && col < bytes_left;
-    cp_async16(dst + r * STRIDE + col, ok ? base + static_cast<int64_t>(r) * ld + col : src, ok);
+    cp_async16(dst + r * STRIDE + col, ok ? base + r * ld32 + col : src, ok);
   }
 }
 

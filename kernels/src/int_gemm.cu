@@ -432,7 +432,7 @@ IntGemmPlan int_gemm_plan(const IntGemmParams& p, const GemmGroup* group) {
 }
 
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out) {
-  if (k <= 0 || n <= 0 || k % 32 != 0 || wbits < 2 || wbits > 8) return false;
+  if (k <= 0 || n <= 0 || k % 32 != 0 || k > kMaxKernelInFeatures || wbits < 2 || wbits > 8) return false;
   // Bo a power of two up to 32 (the epilogue keeps a tile's R_out blocks in shared memory).
   if (has_r_out && !(block_out >= 1 && (16 % block_out == 0 || block_out == 32))) return false;
   return true;

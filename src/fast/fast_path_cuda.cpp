@@ -113,6 +113,8 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device) 
   const auto* prop = at::cuda::getDeviceProperties(device.index() < 0 ? at::cuda::current_device() : device.index());
   if (prop->major < 8) return "needs compute capability 8.0+ (int8 mma.sync)";
   const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
+  if (layer.in_features > kernels::kMaxKernelInFeatures)
+    return "in_features=" + std::to_string(layer.in_features) + " above the kernels' 2^22";
   if (!kernels::act_quant_supported(static_cast<int>(block)))
     return "block_size=" + std::to_string(block) + " (the input kernels take up to 256)";
   return "";

@@ -149,6 +149,10 @@ struct GemmGroup {
   GemmSegment segment[kMaxGemmSegments];
 };
 
+// The longest rows the GEMM kernels take: their tiles' rows (up to 256, of up to 2 bytes an
+// element) lie within 2^31 bytes of each other, so they index them in 32 bits.
+constexpr int64_t kMaxKernelInFeatures = int64_t{1} << 22;
+
 // True when the GEMM kernels can run these sizes (K % 32 == 0, Bo divides a tile width).
 bool int_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
 
