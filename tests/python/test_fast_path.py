@@ -493,6 +493,13 @@ def test_reference_fallbacks_say_why():
     assert torch.isfinite(y).all()
     sc = dq.DuQuantLinear.from_linear(outlier_linear(64, 256, False, 5), dq.Config(act="static_channel")).cuda()
     assert "static_channel" in sc.execution_path
+    # rows past 2^22 elements: the GEMM tiles index their rows in 32 bits
+    long_k = (1 << 22) + 32
+    lin = nn.Linear(long_k, 8, bias=False)
+    long_rows = dq.DuQuantLinear.from_linear(lin, dq.Config(row_rot="none", permute=False)).cuda()
+    assert long_rows.execution_path == f"reference (in_features={long_k} above the kernels' 2^22)"
+    assert torch.isfinite(long_rows(torch.randn(2, long_k, device="cuda", dtype=torch.bfloat16))).all()
+    del lin, long_rows
     wide_config = dq.Config(block_size=512, block_out=16)
     wide = dq.DuQuantLinear.from_linear(outlier_linear(64, 1024, False, 7), wide_config).cuda()
     assert wide.execution_path.startswith("reference (block_size=512"), wide.execution_path
