@@ -20,19 +20,24 @@ how far the loop moved the noise), and each policy's difference from the same mo
 
 Usage:
   python benchmarks/action_expert_e2e.py [--repeats 20] [--out FILE]
+  python benchmarks/action_expert_e2e.py --kernels   # also: each policy's GPU time per kernel family
   python benchmarks/action_expert_e2e.py --cpu-smoke     # tiny model on the CPU: logic check only
 """
 import argparse
 import copy
+import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import duquant_ext as dq
 
@@ -232,12 +237,6 @@ def kernel_costs(model, x0, replays=3):
     A kernel's cost is the time from the end of the kernel before it to its own end: its launch
     gap and the part of its run that nothing else covers (chained kernels start early and wait),
     so the costs add up to the policy call's time on the GPU."""
-    import json
-    import os
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
     run, _ = capture_policy(model, x0)
     for _ in range(3):
         run()
