@@ -204,12 +204,9 @@ void check_codes(const torch::Tensor& codes, const torch::Tensor& scales, const 
     throw std::invalid_argument(where + ": codes, scales and input must be on one device");
 }
 
-}  // namespace
-
-torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
-                                const LayerPack& layer) {
-  const std::string where = "duquant::linear_codes";
-  check_codes(codes, scales, x, layer, where);
+// linear_from_codes on arguments check_codes has passed.
+torch::Tensor linear_from_checked_codes(const torch::Tensor& codes, const torch::Tensor& scales,
+                                        const torch::Tensor& x, const LayerPack& layer, const std::string& where) {
 #ifdef DUQUANT_WITH_CUDA
   if (x.is_cuda() && fast_path_blocker(layer, x).empty()) {
     bool copied = false;
@@ -221,6 +218,15 @@ torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor&
   out_shape.back() = layer.out_features;
   auto xt = codes.to(torch::kFloat32) * scales.unsqueeze(1);
   return linear_from_transformed(xt, layer, /*quantize_acts=*/false).reshape(out_shape).to(x.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor linear_from_codes(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& x,
+                                const LayerPack& layer) {
+  const std::string where = "duquant::linear_codes";
+  check_codes(codes, scales, x, layer, where);
+  return linear_from_checked_codes(codes, scales, x, layer, where);
 }
 
 std::vector<torch::Tensor> linear_from_codes_group(const torch::Tensor& codes, const torch::Tensor& scales,
@@ -247,7 +253,7 @@ std::vector<torch::Tensor> linear_from_codes_group(const torch::Tensor& codes, c
   }
 #endif
   std::vector<torch::Tensor> out;
-  for (const auto& l : layers) out.push_back(linear_from_codes(codes, scales, x, l));
+  for (const auto& l : layers) out.push_back(linear_from_checked_codes(codes, scales, x, l, where));
   return out;
 }
 

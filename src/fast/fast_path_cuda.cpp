@@ -239,11 +239,12 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
   LaunchContext ctx = launch_context(codes.device());
   ctx.chain = ctx.chain && chain;
   const int64_t m = codes.size(0);
-  if (layers.size() == 1 || layers.size() > static_cast<size_t>(kernels::kMaxGemmSegments)) {
+  auto each_alone = [&] {
     std::vector<torch::Tensor> out;
     for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
     return out;
-  }
+  };
+  if (layers.size() == 1 || layers.size() > static_cast<size_t>(kernels::kMaxGemmSegments)) return each_alone();
   // Planned for the whole group first: outputs are made only for the path that runs.
   GemmLaunch g = plan_gemm(layers[0], codes.data_ptr(), scales.data_ptr<float>(), nullptr, nullptr, x.options(), m,
                            ctx, /*plan=*/false);
@@ -261,11 +262,8 @@ std::vector<torch::Tensor> forward_codes_group(const torch::Tensor& codes, const
     p.n += seg.n;
   }
   g.plan = kernels::int_gemm_plan(p, &group);
+  if (!g.plan.grouped) return each_alone();  // one launch per layer (see int_gemm_plan's grouped rule)
   std::vector<torch::Tensor> out;
-  if (!g.plan.grouped) {  // one launch per layer (see int_gemm_plan's grouped rule)
-    for (const auto& l : layers) out.push_back(forward_codes(codes, scales, x, l, chain));
-    return out;
-  }
   for (size_t s = 0; s < layers.size(); ++s) {
     auto y = torch::empty({m, layers[s].out_features}, x.options());
     group.segment[s].y = y.data_ptr();

@@ -45,13 +45,18 @@ void check_all(const std::vector<LinearToPack>& layers) {
   }
 }
 
+// Where a layer is packed: options.device, else where its weight lives.
+torch::Device packing_device(const LinearToPack& l, const PackModelOptions& options) {
+  return options.device ? *options.device : l.weight.device();
+}
+
 std::vector<Group> group_layers(const std::vector<LinearToPack>& layers, const PackModelOptions& options,
                                 const std::vector<bool>& skip) {
   std::vector<Group> groups;
   for (size_t i = 0; i < layers.size(); ++i) {
     if (skip[i]) continue;  // packed with its input group
     const auto& l = layers[i];
-    const torch::Device device = options.device ? *options.device : l.weight.device();
+    const torch::Device device = packing_device(l, options);
     const int64_t n = l.weight.size(0), k = l.weight.size(1);
     bool placed = false;
     for (auto& g : groups) {
@@ -131,13 +136,12 @@ std::vector<std::vector<size_t>> input_groups(const std::vector<LinearToPack>& l
     const auto& a = layers[g[0]];
     for (size_t i : g) {
       const auto& b = layers[i];
-      const auto device_of = [&](const LinearToPack& l) { return options.device ? *options.device : l.weight.device(); };
       std::string why;
       if (b.weight.size(1) != a.weight.size(1))
         why = "in_features " + std::to_string(b.weight.size(1)) + " vs " + std::to_string(a.weight.size(1));
       else if (!(b.config == a.config))
         why = "configs differ";
-      else if (device_of(b) != device_of(a))
+      else if (packing_device(b, options) != packing_device(a, options))
         why = "devices differ";
       if (!why.empty())
         throw std::invalid_argument("pack_linears: input group of '" + a.name + "': '" + b.name +
@@ -154,7 +158,7 @@ std::vector<LayerPack> pack_input_group(const std::vector<LinearToPack>& layers,
                                         const PackModelOptions& options) {
   torch::NoGradGuard no_grad;
   const auto& first = layers[idx[0]];
-  const torch::Device device = options.device ? *options.device : first.weight.device();
+  const torch::Device device = packing_device(first, options);
   std::vector<torch::Tensor> weights;
   for (size_t i : idx) weights.push_back(layers[i].weight.detach().to(device).to(torch::kFloat64));
   // Stacked in name order, so the transform (its float sums) does not depend on the callers' order:
@@ -222,7 +226,7 @@ std::vector<std::string> sibling_input_groups(const std::vector<LinearToPack>& l
       const auto& set = kSiblingSets[s];
       std::string joined;
       for (const auto& c : set) joined += (joined.empty() ? "" : "/") + c;
-      const torch::Device device = options.device ? *options.device : l.weight.device();
+      const torch::Device device = packing_device(l, options);
       // Everything the shared transform must agree on is in the key; the rest is left alone.
       keys[i] = parent + ":" + joined + ":" + std::to_string(l.weight.size(1)) + ":" + device.str() + ":" +
                 l.config.to_json();
