@@ -106,10 +106,20 @@ __device__ __forceinline__ void static_token_scales(const ActQuantParams& p, flo
   }
 }
 
+// The last step of both exchanges below: s_t = max(max|x'| / qmax, 1e-8).
+__device__ __forceinline__ void finish_token_scales(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
+                                                    float qmax) {
+  const int t = threadIdx.x;
+  if (t < rows) {
+    scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
+    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+  }
+}
+
 __device__ __forceinline__ void token_scales_from_max(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
                                                       float qmax) {
-  const int t = threadIdx.x;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int t = threadIdx.x;
   const int split = gridDim.y;
   if (split > 1) {
     namespace cg = cooperative_groups;
@@ -122,10 +132,50 @@ __device__ __forceinline__ void token_scales_from_max(const ActQuantParams& p, f
     if (t < rows) scale_s[t] = v;
   }
 #endif
-  if (t < rows) {
-    scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
-    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+  finish_token_scales(p, scale_s, rows, row0, qmax);
+}
+
+// The same swap with one cluster barrier instead of two: every CTA pushes its maxima into every
+// CTA's `peer` ([kMaxPeers][peer_stride] floats of shared memory) and, after the barrier, reads only
+// its own, so no CTA can exit while another still reads its memory. Distributed shared memory may
+// only be written once every CTA of the cluster runs: the kernel calls cluster_arrive_early() at
+// its start (every thread) and this waits on that arrival before pushing. 0.15 us less per call of the row kernel inside the action expert (H200).
+constexpr int kMaxPeers = 8;  // the portable cluster size
+
+// `exchange`: whether this launch will call token_scales_pushed (uniform over the grid), so that
+// every early arrival is waited on.
+__device__ __forceinline__ void cluster_arrive_early(bool exchange) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (exchange && gridDim.y > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#else
+  (void)exchange;
+#endif
+}
+
+__device__ __forceinline__ void token_scales_pushed(const ActQuantParams& p, float* scale_s, float* peer,
+                                                    int peer_stride, int rows, int64_t row0, float qmax) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int t = threadIdx.x;
+  const int split = gridDim.y;
+  if (split > 1) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every CTA has started
+    const unsigned rank = cluster.block_rank();
+    if (t < rows)
+      for (int q = 0; q < split; ++q) *cluster.map_shared_rank(&peer[rank * peer_stride + t], q) = scale_s[t];
+    cluster.sync();  // every push has landed
+    if (t < rows) {
+      float v = 0.f;
+      for (int q = 0; q < split; ++q) v = fmaxf(v, peer[q * peer_stride + t]);
+      scale_s[t] = v;
+    }
   }
+#else
+  (void)peer;
+  (void)peer_stride;
+#endif
+  finish_token_scales(p, scale_s, rows, row0, qmax);
 }
 
 // Zeroes what the GEMM after the input kernels needs zeroed (its split-k arrival counters): the
