@@ -460,7 +460,8 @@ bool gemv_usable(const IntGemmParams& p, bool direct);
 int gemv_parts(const IntGemmParams& p, bool direct, int forced);
 cudaError_t int_gemv(const IntGemmParams& p, bool direct, int parts, cudaStream_t stream);
 
-// Shared memory one CTA may have on sm_80 and sm_90 (227 KB).
+// Shared memory one CTA may have on sm_90 (227 KB; an A100 offers 163, sm_86/89 99: the tiles
+// that take more step down there, fits_device in int_gemm.cu).
 constexpr int kMaxSmemBytes = 227 * 1024;
 
 // The deepest pipeline, up to 6 stages, whose shared memory fits in kMaxSmemBytes, for the tile

@@ -202,6 +202,14 @@ cudaError_t launch(const IntGemmParams& p_in, const IntGemmPlan& plan, cudaStrea
       T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk, group);
 }
 
+// Whether tile T's shared memory fits this device (sm_90: 227 KB; A100 163 KB, sm_86/89 99 KB):
+// the deep pipelines are measured on Hopper and step down elsewhere. True when the device is unknown.
+template <class T>
+bool fits_device() {
+  const DeviceFacts& dev = device_facts();
+  return !dev.known || T::SMEM_BYTES <= dev.smem_optin;
+}
+
 // The weight-streaming tile is 32 outputs wide where Bo needs it or 16-wide tiles would exceed one per SM.
 bool stream_wide(const IntGemmParams& p) {
   const int bo = p.r_out ? p.block_out : 1;
@@ -278,9 +286,19 @@ cudaError_t dispatch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
       // Long rows (down_proj) keep one CTA per SM busy only with more stages in flight.
       constexpr int kDeep32 = deepest_stages<Tile<16, 32, 1, 1, 8, 3, WBITS>>();
       constexpr int kDeep16 = deepest_stages<Tile<16, 16, 1, 1, 8, 3, WBITS>>();
-      if (p.k >= 8192)
+      using Deep32 = Tile<16, 32, 1, 1, 8, kDeep32, WBITS>;
+      using Deep16 = Tile<16, 16, 1, 1, 8, kDeep16, WBITS>;
+      if (p.k >= 8192 && (wide ? fits_device<Deep32>() : fits_device<Deep16>()))
         return wide ? launch<16, 32, 1, 1, 8, kDeep32, WBITS>(p, plan, stream)
                     : launch<16, 16, 1, 1, 8, kDeep16, WBITS>(p, plan, stream);
+      // Rows of 2048-8192 at 17-64 tokens (down_proj, 4096 -> 1024 at 50): 32-wide tiles, one CTA
+      // an SM, 5 stages so a row of 4096 is in flight at once (4 weight stages fetched before the
+      // chain wait). Inside the action expert's graph 6.8 -> 5.7 us a call (H200; 4 stages 5.8, 32
+      // wide with 16 warps and 2048-wide stages 5.6; 16-wide with 4 stages 6.7, with 5: 8.9, two waves).
+      // int8 weights: 5 such stages exceed shared memory, so they stay below.
+      if constexpr (WBITS <= 4)
+        if (!wide && p.m > 16 && p.m <= 64 && p.k > 2048 && p.k < 8192 && fits_device<Tile<16, 32, 1, 1, 8, 5, WBITS>>())
+          return launch<16, 32, 1, 1, 8, 5, WBITS>(p, plan, stream);
       return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, plan, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, plan, stream);
     }
     case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3, WBITS>(p, plan, stream);
@@ -306,7 +324,8 @@ cudaError_t dispatch_grouped(const IntGemmParams& p, const IntGemmPlan& plan, cu
       // tokens): twice the warps, each with half the k range, 2 stages of 512. A CTA's chain of
       // MMAs and its share of the restore halve; 11.2 -> 8.0 us per call inside the action expert
       // and 16.0 -> 12.5 us alone with its input kernel (H200; 3 stages: 8.6 us inside).
-      if (p.m <= 64 && p.k <= 1024) return launch<64, 64, 2, 2, 4, 2, WBITS, false, true>(p, plan, stream, g);
+      if (p.m <= 64 && p.k <= 1024 && fits_device<Tile<64, 64, 2, 2, 4, 2, WBITS>>())
+        return launch<64, 64, 2, 2, 4, 2, WBITS, false, true>(p, plan, stream, g);
       return launch<64, 64, 2, 2, 2, 3, WBITS, false, true>(p, plan, stream, g);
     case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS, false, true>(p, plan, stream, g);
     default: return cudaErrorInvalidValue;

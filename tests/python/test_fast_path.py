@@ -199,6 +199,7 @@ CONFIGS = [
     (201, 96, 512, True),  # streaming tiles past M = 128 (N small enough that 32x32 tiles idle SMs)
     (9, 200, 384, False), (16, 1000, 1152, True),  # decode kernel: 16 tokens a column block, N not whole groups
     (50, 1000, 2048, True), (64, 136, 640, False),  # skinny kernel: 64 tokens a CTA, N not whole groups
+    (45, 1000, 3104, True),  # streaming tiles for down_proj-like rows: 5 stages, the last 32 wide
 ])
 def test_gemm_matches_float64_from_codes(cfg, m, n, k, bias, gemm_tile):
     check_gemm_against_float64(cfg, m, n, k, bias)
