@@ -139,7 +139,8 @@ __device__ __forceinline__ void token_scales_from_max(const ActQuantParams& p, f
 // CTA's `peer` ([kMaxPeers][peer_stride] floats of shared memory) and, after the barrier, reads only
 // its own, so no CTA can exit while another still reads its memory. Distributed shared memory may
 // only be written once every CTA of the cluster runs: the kernel calls cluster_arrive_early() at
-// its start (every thread) and this waits on that arrival before pushing. 0.15 us less per call of the row kernel inside the action expert (H200).
+// its start (every thread) and this waits on that arrival before pushing. The row kernel: 0.15 us
+// less a call inside the action expert (H200).
 constexpr int kMaxPeers = 8;  // the portable cluster size
 
 // `exchange`: whether this launch will call token_scales_pushed (uniform over the grid), so that

@@ -294,10 +294,11 @@ cudaError_t dispatch(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
       // Rows of 2048-8192 at 17-64 tokens (down_proj, 4096 -> 1024 at 50): 32-wide tiles, one CTA
       // an SM, 5 stages so a row of 4096 is in flight at once (4 weight stages fetched before the
       // chain wait). Inside the action expert's graph 6.8 -> 5.7 us a call (H200; 4 stages 5.8, 32
-      // wide with 16 warps and 2048-wide stages 5.6; 16-wide with 4 stages 6.7, with 5: 8.9, two waves).
-      // int8 weights: 5 such stages exceed shared memory, so they stay below.
+      // wide with 16 warps and 2048-wide stages 5.6; 16-wide with 4 stages 6.7, with 5: 8.9, two
+      // waves). int8 weights: 5 such stages exceed shared memory, so they stay below.
+      using Row4096 = Tile<16, 32, 1, 1, 8, 5, WBITS>;
       if constexpr (WBITS <= 4)
-        if (!wide && p.m > 16 && p.m <= 64 && p.k > 2048 && p.k < 8192 && fits_device<Tile<16, 32, 1, 1, 8, 5, WBITS>>())
+        if (!wide && p.m > 16 && p.m <= 64 && p.k > 2048 && p.k < 8192 && fits_device<Row4096>())
           return launch<16, 32, 1, 1, 8, 5, WBITS>(p, plan, stream);
       return wide ? launch<16, 32, 1, 1, 8, 3, WBITS>(p, plan, stream) : launch<16, 16, 1, 1, 8, 3, WBITS>(p, plan, stream);
     }
@@ -342,11 +343,12 @@ bool is_mma_sync_tile(GemmTile t) {
 // results/sibling_groups_h200.txt): streaming tiles up to M = 16; 32x32 tiles up to M = 32 and
 // where 64x64 tiles would leave SMs idle (action expert q/k/v 1024->2560 at M = 50: 10.6 against
 // 15.3); 64x64 tiles past M = 32 where they give nearly every SM one (gate/up 1024->8192 at M = 50
-// 16.3 against 16.8, at M = 128 18.1 against 28.4; q/k/v at M = 256 18.0 against 22.0). Where the
-// widest layer alone would run the wgmma kernel the group still launches once up to M x N = 128 x
-// 8192 (gate/up 1024->8192 at M = 128: 18.1 against 20.7 per layer; q/k/v at M = 256: 18.0
-// against 21.2), past it per layer (2048->32768 at M = 50: 31.8 per layer against 42.6 grouped).
-// Split-k (long rows) and, at K >= 8192, the skinny kernel stay per layer (its edge there was
+// 16.3 against 16.8, 12.2 since its 16-warp variant in dispatch_grouped; at M = 128 18.1 against
+// 28.4; q/k/v at M = 256 18.0 against 22.0). Where the widest layer alone would run the wgmma
+// kernel the group still launches once up to M x N = 128 x 8192 (gate/up 1024->8192 at M = 128:
+// 18.1 against 20.7 per layer; q/k/v at M = 256: 18.0 against 21.2), past it per layer
+// (2048->32768 at M = 50: 31.8 per layer against 42.6 grouped). Split-k (long rows) and, at
+// K >= 8192, the skinny kernel stay per layer (its edge there was
 // 21.5 -> 14.7 us on 16384->2048 at M = 1, gemv_sweep_h200.txt); below, one grouped streaming launch
 // beat the skinny kernel per layer (4096-wide q/k/v 4096->6144 at M = 1 11.9 against 16.3 us, at
 // M = 16 15.3 against 20.8; gate/up 4096->22016 at M = 16 31.5 against 39.9).
