@@ -460,9 +460,17 @@ bool gemv_usable(const IntGemmParams& p, bool direct);
 int gemv_parts(const IntGemmParams& p, bool direct, int forced);
 cudaError_t int_gemv(const IntGemmParams& p, bool direct, int parts, cudaStream_t stream);
 
-// Shared memory one CTA may have on sm_90 (227 KB; an A100 offers 163, sm_86/89 99: the tiles
-// that take more step down there, fits_device in int_gemm.cu).
+// Shared memory one CTA may have on sm_90 (227 KB; an A100 offers 163: the deep pipelines sized
+// by deepest_stages step down there, fits_device).
 constexpr int kMaxSmemBytes = 227 * 1024;
+
+// Whether tile T's shared memory fits this device: the deep pipelines are measured on Hopper and
+// step down elsewhere. True when the device is unknown.
+template <class T>
+bool fits_device() {
+  const DeviceFacts& dev = device_facts();
+  return !dev.known || T::SMEM_BYTES <= dev.smem_optin;
+}
 
 // The deepest pipeline, up to 6 stages, whose shared memory fits in kMaxSmemBytes, for the tile
 // shape of T (any stage count), for long rows, where the weight stream needs many stages in flight.

@@ -202,14 +202,6 @@ cudaError_t launch(const IntGemmParams& p_in, const IntGemmPlan& plan, cudaStrea
       T::SMEM_BYTES, T::kThreads, p, stream, static_cast<unsigned>(plan.splits), sk, group);
 }
 
-// Whether tile T's shared memory fits this device (sm_90: 227 KB; A100 163 KB, sm_86/89 99 KB):
-// the deep pipelines are measured on Hopper and step down elsewhere. True when the device is unknown.
-template <class T>
-bool fits_device() {
-  const DeviceFacts& dev = device_facts();
-  return !dev.known || T::SMEM_BYTES <= dev.smem_optin;
-}
-
 // The weight-streaming tile is 32 outputs wide where Bo needs it or 16-wide tiles would exceed one per SM.
 bool stream_wide(const IntGemmParams& p) {
   const int bo = p.r_out ? p.block_out : 1;

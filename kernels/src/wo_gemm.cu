@@ -196,7 +196,10 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream) {
       // 16-bit activations make a stage twice the integer GEMM's: fewer of them fit.
       constexpr int kDeep32 = deepest_stages<WoTile<16, 32, 1, 1, 8, 3>>();
       constexpr int kDeep16 = deepest_stages<WoTile<16, 16, 1, 1, 8, 3>>();
-      if (p.k >= 8192) return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
+      using Deep32 = WoTile<16, 32, 1, 1, 8, kDeep32>;
+      using Deep16 = WoTile<16, 16, 1, 1, 8, kDeep16>;
+      if (p.k >= 8192 && (wide ? fits_device<Deep32>() : fits_device<Deep16>()))
+        return wide ? launch<16, 32, 1, 1, 8, kDeep32>(p, stream) : launch<16, 16, 1, 1, 8, kDeep16>(p, stream);
       return wide ? launch<16, 32, 1, 1, 8, 3>(p, stream) : launch<16, 16, 1, 1, 8, 3>(p, stream);
     }
     case GemmTile::kTile32: return launch<32, 32, 2, 1, 4, 3>(p, stream);

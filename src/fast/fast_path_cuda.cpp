@@ -112,6 +112,12 @@ torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
 std::string device_blocker(const LayerPack& layer, const torch::Device& device) {
   const auto* prop = at::cuda::getDeviceProperties(device.index() < 0 ? at::cuda::current_device() : device.index());
   if (prop->major < 8) return "needs compute capability 8.0+ (int8 mma.sync)";
+  // The GEMM tiles are sized for an A100's or H100's shared memory (163 / 227 KB a block); on
+  // consumer Ampere and Ada cards (99 KB) several of them could not launch.
+  if (prop->sharedMemPerBlockOptin < kernels::kMinSharedMemPerBlock)
+    return "needs " + std::to_string(kernels::kMinSharedMemPerBlock / 1024) +
+           " KB of shared memory a block (A100, H100); this GPU offers " +
+           std::to_string(prop->sharedMemPerBlockOptin / 1024) + " KB";
   const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
   if (layer.in_features > kernels::kMaxKernelInFeatures)
     return "in_features=" + std::to_string(layer.in_features) + " above the kernels' 2^22";

@@ -5,12 +5,18 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace duquant {
 namespace kernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Shared memory a CTA may opt in to that the kernels' fixed tiles need (the largest, int8 128x128,
+// takes 161.5 KB): an A100 offers 163 KB, Hopper 227; the deeper pipelines step down where they do
+// not fit. Devices with less (sm_86/89: 99 KB) run the reference path.
+constexpr size_t kMinSharedMemPerBlock = 163 * 1024;
 
 // ---- input side: x -> permute -> block rotations -> per-token (or static) scale -> int8 codes ----
 // The transform is a list of stages so DESIGN §3's general form (per-channel smoothing, a second
