@@ -317,8 +317,9 @@ cudaError_t dispatch_grouped(const IntGemmParams& p, const IntGemmPlan& plan, cu
       // tokens): twice the warps, each with half the k range, 2 stages of 512. A CTA's chain of
       // MMAs and its share of the restore halve; 11.2 -> 8.0 us per call inside the action expert
       // and 16.0 -> 12.5 us alone with its input kernel (H200; 3 stages: 8.6 us inside).
-      if (p.m <= 64 && p.k <= 1024 && fits_device<Tile<64, 64, 2, 2, 4, 2, WBITS>>())
-        return launch<64, 64, 2, 2, 4, 2, WBITS, false, true>(p, plan, stream, g);
+      static_assert(size_t{Tile<64, 64, 2, 2, 4, 2, WBITS>::SMEM_BYTES} <= kMinSharedMemPerBlock,
+                    "fits every GPU the fast path runs on: no step-down needed");
+      if (p.m <= 64 && p.k <= 1024) return launch<64, 64, 2, 2, 4, 2, WBITS, false, true>(p, plan, stream, g);
       return launch<64, 64, 2, 2, 2, 3, WBITS, false, true>(p, plan, stream, g);
     case GemmTile::kTile128: return launch<128, 128, 2, 4, 1, 4, WBITS, false, true>(p, plan, stream, g);
     default: return cudaErrorInvalidValue;
