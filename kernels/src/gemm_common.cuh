@@ -144,8 +144,9 @@ __device__ __forceinline__ void load_stage_b(unsigned char* smem, const unsigned
 }
 
 // The cp.async pipeline of both GEMMs. The first stages' weights are requested before the chain
-// wait (they do not depend on the input kernels, which may still be running); then `after_wait`
-// (the epilogue operands, token scales among them) and the activations. Per stage: wait for it,
+// wait (they do not depend on the input kernels, which may still be running), as are the
+// epilogue's constants by the caller (load_epilogue_constants); then `after_wait` (the token
+// scales) and the activations. Per stage: wait for it,
 // refill the slot the previous stage freed, compute(slot). Ends with every copy landed and a
 // barrier, so the epilogue may reuse the pipeline's shared memory.
 template <int STAGES, class LoadA, class LoadB, class AfterWait, class Compute>
@@ -180,7 +181,7 @@ __device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, Loa
 }
 
 // Shared memory of the epilogue. The y'' tile [BM][kStride] floats reuses the pipeline's buffers;
-// the operands get their own region after them, fetched asynchronously with the first stage, so
+// the operands get their own region after them, fetched asynchronously with the first stages, so
 // the epilogue touches no global memory but its output (dependent global loads there cost more
 // than the whole main loop): st[BM] token scales (1 when there are none), sn[BN] weight scales,
 // bias[BN], r: the tile's R_out blocks, one contiguous run since BN % Bo == 0.
@@ -205,17 +206,13 @@ struct Epilogue {
       : st(token_scales), sn(weight_scales), bias(bias_row), r(r_blocks) {}
 };
 
+// The epilogue's layer constants: weight scales, bias, the tile's R_out blocks. No kernel of a
+// forward writes them, so they are requested before the chain wait, with the first weights, and
+// their HBM round trips overlap the input kernel instead of following it.
 template <int BM, int BN, int THREADS>
-__device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, int64_t m0, int64_t n0,
-                                                       const Epilogue<BM, BN>& ep) {
+__device__ __forceinline__ void load_epilogue_constants(const IntGemmParams& p, int64_t n0, const Epilogue<BM, BN>& ep) {
   const int tid = threadIdx.x;
   const int bo = p.r_out ? p.block_out : 1;
-  for (int i = tid; i < BM; i += THREADS) {
-    const int64_t gm = m0 + i;
-    const bool ok = gm < p.m;
-    if (p.a_scale) cp_async4(ep.st + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
-    else ep.st[i] = 1.f;
-  }
   for (int i = tid; i < BN; i += THREADS) {
     const int64_t gn = n0 + i;
     const bool ok = gn < p.n;
@@ -229,6 +226,17 @@ __device__ __forceinline__ void load_epilogue_operands(const IntGemmParams& p, i
       const bool ok = src < total;
       cp_async16(ep.r + 4 * i, p.r_out + (ok ? src : 0), ok);
     }
+  }
+}
+
+// The token scales (the input kernel's, where there are any): after the chain wait.
+template <int BM, int THREADS>
+__device__ __forceinline__ void load_token_scales(const IntGemmParams& p, int64_t m0, float* st) {
+  for (int i = threadIdx.x; i < BM; i += THREADS) {
+    const int64_t gm = m0 + i;
+    const bool ok = gm < p.m;
+    if (p.a_scale) cp_async4(st + i, p.a_scale_per_tensor ? p.a_scale : p.a_scale + (ok ? gm : 0), ok);
+    else st[i] = 1.f;
   }
 }
 

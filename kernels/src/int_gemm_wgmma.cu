@@ -207,8 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = warp / 4, wq = warp % 4, g = lane >> 2, t = lane & 3;
   const int wrow = wg * 64 + wq * 16 + g;
   const Epi ep(smem + T::kBodyBytes);
+  load_epilogue_constants<TN, kFeat, kConsumers>(p, n0, ep);
   pdl_wait();
-  load_epilogue_operands<TN, kFeat, kConsumers>(p, m0, n0, ep);
+  load_token_scales<TN, kConsumers>(p, m0, ep.st);
   cp_async_commit();
 
   int acc[TN / 2];

@@ -101,9 +101,9 @@ __global__ void __launch_bounds__(WoTile<BM, BN, WM, WN, WK, STAGES>::kThreads) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+  load_epilogue_constants<BM, BN, T::kThreads>(p, n0, ep);
   run_pipeline<STAGES>(
-      num_stages, load_a, load_b,
-      [&] { load_epilogue_operands<BM, BN, T::kThreads>(p, m0, n0, ep); },
+      num_stages, load_a, load_b, [&] { load_token_scales<BM, T::kThreads>(p, m0, ep.st); },
       [&](int slot) {
         const unsigned char* sa = smem + slot * T::STAGE_BYTES;
         const unsigned char* sb = sa + T::A_BYTES;
