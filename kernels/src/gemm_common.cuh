@@ -146,9 +146,9 @@ __device__ __forceinline__ void load_stage_b(unsigned char* smem, const unsigned
 // The cp.async pipeline of both GEMMs. The first stages' weights are requested before the chain
 // wait (they do not depend on the input kernels, which may still be running), as are the
 // epilogue's constants by the caller (load_epilogue_constants); then `after_wait` (the token
-// scales) and the activations. Per stage: wait for it,
-// refill the slot the previous stage freed, compute(slot). Ends with every copy landed and a
-// barrier, so the epilogue may reuse the pipeline's shared memory.
+// scales) and the activations. Per stage: wait for it, refill the slot the previous stage freed,
+// compute(slot). Ends with every copy landed and a barrier, so the epilogue may reuse the
+// pipeline's shared memory.
 template <int STAGES, class LoadA, class LoadB, class AfterWait, class Compute>
 __device__ __forceinline__ void run_pipeline(int num_stages, LoadA&& load_a, LoadB&& load_b, AfterWait&& after_wait,
                                              Compute&& compute) {
