@@ -341,10 +341,10 @@ bool is_mma_sync_tile(GemmTile t) {
 // kernel the group still launches once up to M x N = 128 x 8192 (gate/up 1024->8192 at M = 128:
 // 18.1 against 20.7 per layer; q/k/v at M = 256: 18.0 against 21.2), past it per layer
 // (2048->32768 at M = 50: 31.8 per layer against 42.6 grouped). Split-k (long rows) and, at
-// K >= 8192, the skinny kernel stay per layer (its edge there was
-// 21.5 -> 14.7 us on 16384->2048 at M = 1, gemv_sweep_h200.txt); below, one grouped streaming launch
-// beat the skinny kernel per layer (4096-wide q/k/v 4096->6144 at M = 1 11.9 against 16.3 us, at
-// M = 16 15.3 against 20.8; gate/up 4096->22016 at M = 16 31.5 against 39.9).
+// K >= 8192, the skinny kernel stay per layer (its edge there was 21.5 -> 14.7 us on 16384->2048
+// at M = 1, gemv_sweep_h200.txt); below, one grouped streaming launch beat the skinny kernel per
+// layer (4096-wide q/k/v 4096->6144 at M = 1 11.9 against 16.3 us, at M = 16 15.3 against 20.8;
+// gate/up 4096->22016 at M = 16 31.5 against 39.9).
 IntGemmPlan grouped_plan(const IntGemmParams& p, const GemmGroup& group) {
   IntGemmParams widest = p, whole = p;
   widest.n = whole.n = 0;
