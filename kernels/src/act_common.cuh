@@ -94,10 +94,10 @@ __device__ __forceinline__ uint32_t code_bits(float v, float s, float inv, float
 
 // Token scales of a CTA's `rows` tokens from row0 on, into scale_s (shared memory) and, by the
 // first CTA of a cluster, p.scales. static_token_scales: the layer's static scale.
-// token_scales_from_max: scale_s[0..rows) holds this CTA's max |x'| per token over its positions;
-// the CTAs of a cluster along y (gridDim.y of them, sharing the tokens' positions) swap maxima
-// through distributed shared memory, then s_t = max(max|x'| / qmax, 1e-8). Every thread of the
-// CTA calls it (cluster barriers).
+// token_scales_pushed (below): scale_s[0..rows) holds this CTA's max |x'| per token over its
+// positions; the CTAs of a cluster along y (gridDim.y of them, sharing the tokens' positions) swap
+// maxima through distributed shared memory, then s_t = max(max|x'| / qmax, 1e-8). Every thread of
+// the CTA calls it (cluster barriers).
 __device__ __forceinline__ void static_token_scales(const ActQuantParams& p, float* scale_s, int rows, int64_t row0) {
   const int t = threadIdx.x;
   if (t < rows) {
@@ -106,7 +106,7 @@ __device__ __forceinline__ void static_token_scales(const ActQuantParams& p, flo
   }
 }
 
-// The last step of both exchanges below: s_t = max(max|x'| / qmax, 1e-8).
+// The last step of both: s_t = max(max|x'| / qmax, 1e-8).
 __device__ __forceinline__ void finish_token_scales(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
                                                     float qmax) {
   const int t = threadIdx.x;
@@ -116,31 +116,13 @@ __device__ __forceinline__ void finish_token_scales(const ActQuantParams& p, flo
   }
 }
 
-__device__ __forceinline__ void token_scales_from_max(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
-                                                      float qmax) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int t = threadIdx.x;
-  const int split = gridDim.y;
-  if (split > 1) {
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every CTA's max is in its shared memory
-    float v = 0.f;
-    if (t < rows)
-      for (int q = 0; q < split; ++q) v = fmaxf(v, *cluster.map_shared_rank(&scale_s[t], q));
-    cluster.sync();  // nobody overwrites (or exits with) a max another CTA still reads
-    if (t < rows) scale_s[t] = v;
-  }
-#endif
-  finish_token_scales(p, scale_s, rows, row0, qmax);
-}
-
-// The same swap with one cluster barrier instead of two: every CTA pushes its maxima into every
-// CTA's `peer` ([kMaxPeers][peer_stride] floats of shared memory) and, after the barrier, reads only
-// its own, so no CTA can exit while another still reads its memory. Distributed shared memory may
-// only be written once every CTA of the cluster runs: the kernel calls cluster_arrive_early() at
-// its start (every thread) and this waits on that arrival before pushing. The row kernel: 0.15 us
-// less a call inside the action expert (H200).
+// The swap takes one cluster barrier: every CTA pushes its maxima into every CTA's `peer`
+// ([kMaxPeers][peer_stride] floats of shared memory) and, after the barrier, reads only its own, so
+// no CTA can exit while another still reads its memory (pulling the peers' maxima instead needs a
+// second barrier for that; the row kernel measured 0.15 us a call faster pushed, inside the action
+// expert, H200). Distributed shared memory may only be written once every CTA of the cluster runs:
+// the kernel calls cluster_arrive_early() at its start (every thread) and this waits on that
+// arrival before pushing.
 constexpr int kMaxPeers = 8;  // the portable cluster size
 
 // `exchange`: whether this launch will call token_scales_pushed (uniform over the grid), so that

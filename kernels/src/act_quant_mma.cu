@@ -162,6 +162,8 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[WARPS][TM];
   __shared__ float scale_s[TM];
+  __shared__ float peer_max[act::kMaxPeers][TM];  // (token_scales_pushed)
+  act::cluster_arrive_early(!p.static_scale);
   const int k = static_cast<int>(p.k);
   const int pitch = mma_pitch(k, ESZ);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -279,7 +281,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       for (int w = 0; w < WARPS; ++w) v = fmaxf(v, warp_max[w][tid]);
       scale_s[tid] = v;  // this CTA's max
     }
-    act::token_scales_from_max(p, scale_s, rows, row0, qmax);
+    act::token_scales_pushed(p, scale_s, &peer_max[0][0], TM, rows, row0, qmax);
   }
   __syncthreads();
 #pragma unroll
@@ -299,7 +301,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   }
 }
 
-constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 floats) and slack
+constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 + 8 x 16 floats) and slack
 
 // One m-tile (16 tokens, kMmaTokens) a warp, 8 warps. Two m-tiles and 16 warps (the rotation's
 // loads and splits serving 32 tokens) measured slower on an H200: one CTA an SM, 25 -> 33 us at

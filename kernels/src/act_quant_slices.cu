@@ -197,6 +197,8 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[kWarps][TM];
   __shared__ float scale_s[TM];
+  __shared__ float peer_max[act::kMaxPeers][TM];  // (token_scales_pushed)
+  act::cluster_arrive_early(!p.static_scale);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TM;
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
       for (int w = 0; w < kWarps; ++w) v = fmaxf(v, warp_max[w][tid]);
       scale_s[tid] = v;  // this CTA's max
     }
-    act::token_scales_from_max(p, scale_s, rows, row0, qmax);
+    act::token_scales_pushed(p, scale_s, &peer_max[0][0], TM, rows, row0, qmax);
   }
   __syncthreads();
 
@@ -311,9 +313,12 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
 }
 
 // Dynamic shared memory a CTA of the rotation takes at most: two CTAs an SM (with the static
-// warp maxima), so one CTA's staging overlaps the other's rotation.
-constexpr int kSliceSmemBudget = 110 * 1024;
+// warp and peer maxima, and the 1 KB the SM reserves a CTA, of Hopper's 228 KB), so one CTA's
+// staging overlaps the other's rotation.
+constexpr int kSliceSmemBudget = 108 * 1024;
 constexpr int kTokenTiles[] = {64, 32, 16};
+constexpr int kSliceStaticSmem = (kWarps + 1 + act::kMaxPeers) * 64 * static_cast<int>(sizeof(float));  // TM = 64
+static_assert(2 * (kSliceSmemBudget + kSliceStaticSmem + 1024) <= 228 * 1024, "two rotation CTAs an SM");
 
 size_t slice_smem_bytes(int tokens, int64_t k, int split) {
   return static_cast<size_t>(tokens) * slice_pitch(slice_blocks(k, split) * kBlock);
