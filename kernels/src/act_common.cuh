@@ -106,16 +106,6 @@ __device__ __forceinline__ void static_token_scales(const ActQuantParams& p, flo
   }
 }
 
-// The last step of both: s_t = max(max|x'| / qmax, 1e-8).
-__device__ __forceinline__ void finish_token_scales(const ActQuantParams& p, float* scale_s, int rows, int64_t row0,
-                                                    float qmax) {
-  const int t = threadIdx.x;
-  if (t < rows) {
-    scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
-    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
-  }
-}
-
 // The swap takes one cluster barrier: every CTA pushes its maxima into every CTA's `peer`
 // ([kMaxPeers][peer_stride] floats of shared memory) and, after the barrier, reads only its own, so
 // no CTA can exit while another still reads its memory (pulling the peers' maxima instead needs a
@@ -137,8 +127,8 @@ __device__ __forceinline__ void cluster_arrive_early(bool exchange) {
 
 __device__ __forceinline__ void token_scales_pushed(const ActQuantParams& p, float* scale_s, float* peer,
                                                     int peer_stride, int rows, int64_t row0, float qmax) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int t = threadIdx.x;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int split = gridDim.y;
   if (split > 1) {
     namespace cg = cooperative_groups;
@@ -158,7 +148,10 @@ __device__ __forceinline__ void token_scales_pushed(const ActQuantParams& p, flo
   (void)peer;
   (void)peer_stride;
 #endif
-  finish_token_scales(p, scale_s, rows, row0, qmax);
+  if (t < rows) {  // s_t = max(max|x'| / qmax, 1e-8)
+    scale_s[t] = fmaxf(scale_s[t] / qmax, 1e-8f);
+    if (p.scales && blockIdx.y == 0) p.scales[row0 + t] = scale_s[t];
+  }
 }
 
 // Zeroes what the GEMM after the input kernels needs zeroed (its split-k arrival counters): the
