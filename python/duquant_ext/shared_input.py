@@ -18,19 +18,32 @@ between two siblings' calls there is not noticed; and writes that bypass autogra
 (the compiled graph sees each layer's whole op).
 """
 import threading
-import weakref
 from typing import List
 
 import torch
 from torch import nn
 
 
-def _compiling() -> bool:
+def _find_is_compiling():
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
     if is_compiling is None:  # torch 2.1-2.2 have torch.compiler without it
         is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+    return is_compiling
+
+
+_IS_COMPILING = _find_is_compiling()  # looked up once: forward asks on every call
+
+
+def _compiling() -> bool:
+    return bool(_IS_COMPILING()) if _IS_COMPILING is not None else False
+
+
+# The current stream and capture state as the C++ bindings give them (a plain value per stream):
+# torch.cuda.current_stream() builds a Stream object on every member's call, a fifth of the sharing's
+# Python time in an eager profile of the action expert. The public calls where a torch lacks them.
+_CURRENT_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
+_CAPTURING = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
 def _version(x: torch.Tensor) -> int:
@@ -66,7 +79,7 @@ class SharedInput:
         self._outputs = {}  # id(member) -> its output for _x, not yet taken (grouped mode)
         self._codes = None  # (codes, scales) of _x, and the members that used them (codes mode)
         self._used = set()
-        self._operands = {}  # id(member) -> weak references to its buffers, and their versions
+        self._operands = {}  # id(member) -> its buffers when the outputs were made, and their versions
 
     def remove(self, layer: nn.Module) -> None:
         with self._lock:
@@ -75,16 +88,32 @@ class SharedInput:
 
     @staticmethod
     def _buffers(layer):
-        return [t for t in (layer.qweight, layer.w_scale, layer.r_out, layer.bias) if t is not None]
+        # From the module's buffer table (nn.Module.__getattr__ per name cost more than the rest).
+        b = layer._buffers
+        return (b.get("qweight"), b.get("w_scale"), b.get("r_out"), b.get("bias"))
+
+    @staticmethod
+    def _stamp(layer):
+        """The buffers a member's output was made from and their versions. Strong references:
+        they are the member's own buffers, and forget() drops them once every output is taken."""
+        bufs = SharedInput._buffers(layer)
+        return bufs, tuple(None if t is None else _version(t) for t in bufs)
 
     def _unchanged(self, layer) -> bool:
-        then, now = self._operands.get(id(layer), []), self._buffers(layer)
-        return len(then) == len(now) and all(r() is b and v == _version(b) for (r, v), b in zip(then, now))
+        then = self._operands.get(id(layer))
+        if then is None:
+            return False
+        bufs, versions = then
+        now = self._buffers(layer)
+        return all(a is b for a, b in zip(now, bufs)) and versions == tuple(
+            None if t is None else _version(t) for t in now)
 
     @staticmethod
     def _context(x: torch.Tensor):
         # Outputs and codes are only handed out on the stream, and in the capture state, that made them.
-        return (_version(x), torch.cuda.current_stream(x.device), torch.cuda.is_current_stream_capturing())
+        if _CURRENT_STREAM is None or _CAPTURING is None:
+            return (_version(x), torch.cuda.current_stream(x.device), torch.cuda.is_current_stream_capturing())
+        return (_version(x), _CURRENT_STREAM(x.get_device()), _CAPTURING())
 
     def forward(self, layer: nn.Module, x: torch.Tensor):
         """`layer`'s output for x, or None when layer is not a member (a DataParallel replica,
@@ -130,7 +159,7 @@ class SharedInput:
         self.forget()
         self._x, self._key = x, context
         self._outputs = {id(m): o for m, o in zip(members, outs) if m is not layer}
-        self._operands = {id(m): [(weakref.ref(t), _version(t)) for t in self._buffers(m)] for m in members}
+        self._operands = {id(m): self._stamp(m) for m in members if m is not layer}
         if not self._outputs:
             self.forget()
         return next(o for m, o in zip(members, outs) if m is layer)
