@@ -8,8 +8,10 @@ nn.Linear in bf16 and the prototype-style path, and how much of that is the host
 Method, per contender and shape: N calls back to back, then one synchronize; "eager" is the wall
 time over N, "host" the time until the N calls had returned (before the synchronize), "graph" the
 same call replayed from a CUDA graph (the GPU's time alone). Where host ~ eager > graph, the host
-sets the pace. Medians over --repeats. Then the action expert of action_expert_e2e.py (one policy
-call: 10 flow steps x 18 layers, 50 tokens), eager, bf16 against W4A8. Last, where one eager
+sets the pace; "bf16/x" is bf16's eager time over the contender's (above 1: faster than bf16).
+Medians over --repeats. Then the action expert of action_expert_e2e.py (one policy call: 10 flow
+steps x 18 layers, 50 tokens), eager: bf16, W4A8, and W4A8 packed with share_inputs=False (every
+linear quantizes its own input: more launches, less Python per call). Last, where one eager
 DuQuantLinear call's host time goes (torch.profiler, CPU side), top operators by self time.
 
 Usage:
@@ -115,7 +117,7 @@ def main():
     out("# µs per call, medians; eager = wall over back-to-back calls, host = until the calls had returned, "
         "graph = GPU alone")
     out()
-    out(f"{'shape':<22}{'contender':<10}{'eager':>9}{'host':>9}{'graph':>9}{'eager/bf16':>12}")
+    out(f"{'shape':<22}{'contender':<10}{'eager':>9}{'host':>9}{'graph':>9}{'bf16/x':>9}")
     ours_layers = {}
     with torch.no_grad():
         for i, (k, n, m) in enumerate(SHAPES):
@@ -132,7 +134,7 @@ def main():
                 eager, host = time_eager(fn, args.calls, args.repeats)
                 graph = time_graph(fn, 20, args.repeats)
                 base = base or eager
-                out(f"{f'{k}->{n} M={m}':<22}{name:<10}{eager:>9.1f}{host:>9.1f}{graph:>9.1f}{base / eager:>11.2f}x")
+                out(f"{f'{k}->{n} M={m}':<22}{name:<10}{eager:>9.1f}{host:>9.1f}{graph:>9.1f}{base / eager:>8.2f}x")
             out(f"{'':<22}W4A8 path: {ours.execution_path}")
 
         out()
@@ -141,15 +143,16 @@ def main():
         randomize(ref, 0)
         ref = ref.to(dev).eval()
         bf16 = copy.deepcopy(ref).to(torch.bfloat16)
-        quant = copy.deepcopy(ref)
+        quant, alone = copy.deepcopy(ref), copy.deepcopy(ref)
         dq.quantize_(quant, dq.Config(), include=None)
-        quant = quant.to(torch.bfloat16)
+        dq.quantize_(alone, dq.Config(), include=None, share_inputs=False)
+        quant, alone = quant.to(torch.bfloat16), alone.to(torch.bfloat16)
         x0 = torch.randn(1, shape.tokens, shape.width, device=dev).bfloat16()
         t = {}
-        for name, model in (("bf16", bf16), ("W4A8", quant)):
+        for name, model in (("bf16", bf16), ("W4A8", quant), ("W4A8, siblings alone", alone)):
             eager, host = time_eager(lambda model=model: model(x0), 3, args.repeats)
             t[name] = eager
-            out(f"action expert policy call, eager, {name:<5}{eager / 1e3:>9.3f} ms  (host {host / 1e3:.3f} ms)")
+            out(f"action expert policy call, eager, {name:<21}{eager / 1e3:>9.3f} ms  (host {host / 1e3:.3f} ms)")
         out()
         k, n, m = SHAPES[0]
         ours, x = ours_layers[(k, n, m)]
@@ -159,7 +162,8 @@ def main():
             out(f"{key[:47]:<48}{us:>9.2f}{cnt:>7.1f}")
         out()
         out(f"headline: eager action expert policy call {t['bf16'] / t['W4A8']:.2f}x the speed of bf16 "
-            f"({t['bf16'] / 1e3:.3f} -> {t['W4A8'] / 1e3:.3f} ms)")
+            f"({t['bf16'] / 1e3:.3f} -> {t['W4A8'] / 1e3:.3f} ms; {t['bf16'] / t['W4A8, siblings alone']:.2f}x with "
+            f"share_inputs=False)")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
