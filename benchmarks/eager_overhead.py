@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from action_expert_e2e import ActionExpert, ExpertShape, randomize  # noqa: E402
+from fast_path_breakdown import graph_time_us  # noqa: E402
 from linear_speed import PrototypeFakeQuantLinear, build_ours, make_input, make_weight  # noqa: E402
 
 import duquant_ext as dq  # noqa: E402
@@ -54,30 +55,6 @@ def time_eager(fn, calls, repeats):
         host.append((t1 - t0) / calls * 1e6)
         wall.append((t2 - t0) / calls * 1e6)
     return statistics.median(wall), statistics.median(host)
-
-
-def time_graph(fn, calls, repeats):
-    """GPU µs per call: `calls` calls captured in one graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
 
 
 def host_profile(fn, calls, top):
@@ -118,7 +95,7 @@ def main():
         "graph = GPU alone")
     out()
     out(f"{'shape':<22}{'contender':<10}{'eager':>9}{'host':>9}{'graph':>9}{'bf16/x':>9}")
-    ours_layers = {}
+    profiled = None  # the first shape's layer and input, for the host profile at the end
     with torch.no_grad():
         for i, (k, n, m) in enumerate(SHAPES):
             w = make_weight(k, n, i, dev)
@@ -126,13 +103,13 @@ def main():
             lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16).requires_grad_(False)
             lin.weight.copy_(w)
             ours = build_ours(w, None, {})
-            ours_layers[(k, n, m)] = (ours, x)
+            profiled = profiled or (ours, x)
             contenders = {"bf16": lin, "proto": PrototypeFakeQuantLinear(w, None, ours), "W4A8": ours}
             base = None
             for name, mod in contenders.items():
                 fn = lambda mod=mod: mod(x)  # noqa: E731
                 eager, host = time_eager(fn, args.calls, args.repeats)
-                graph = time_graph(fn, 20, args.repeats)
+                graph = graph_time_us(fn, 20, args.repeats)
                 base = base or eager
                 out(f"{f'{k}->{n} M={m}':<22}{name:<10}{eager:>9.1f}{host:>9.1f}{graph:>9.1f}{base / eager:>8.2f}x")
             out(f"{'':<22}W4A8 path: {ours.execution_path}")
@@ -155,7 +132,7 @@ def main():
             out(f"action expert policy call, eager, {name:<21}{eager / 1e3:>9.3f} ms  (host {host / 1e3:.3f} ms)")
         out()
         k, n, m = SHAPES[0]
-        ours, x = ours_layers[(k, n, m)]
+        ours, x = profiled
         out(f"host time of one eager DuQuantLinear call ({k}->{n}, M={m}), top CPU operators by self time:")
         out(f"{'operator':<48}{'µs/call':>9}{'calls':>7}")
         for key, us, cnt in host_profile(lambda: ours(x), 200, 12):
