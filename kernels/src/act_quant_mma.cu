@@ -162,13 +162,13 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[WARPS][TM];
   __shared__ float scale_s[TM];
-  __shared__ float peer_max[act::kMaxPeers][TM];  // (token_scales_pushed)
-  act::cluster_arrive_early(!p.static_scale);
+  __shared__ act::MaxSwap<TM> swap;  // (token_scales_pushed)
   const int k = static_cast<int>(p.k);
   const int pitch = mma_pitch(k, ESZ);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * tokens;
   const int rows = p.m - row0 < tokens ? static_cast<int>(p.m - row0) : tokens;
+  act::swap_begin(swap, !p.static_scale, rows);
   // This CTA's blocks of positions: all, or its share of the cluster's.
   const int nb = k / kMmaBlock, split = gridDim.y;
   const int per_cta = (nb + split - 1) / split;
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       for (int w = 0; w < WARPS; ++w) v = fmaxf(v, warp_max[w][tid]);
       scale_s[tid] = v;  // this CTA's max
     }
-    act::token_scales_pushed(p, scale_s, &peer_max[0][0], TM, rows, row0, qmax);
+    act::token_scales_pushed(p, scale_s, swap, rows, row0, qmax);
   }
   __syncthreads();
 #pragma unroll

@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
   const int c_end = c_begin + per_cta < nch ? c_begin + per_cta : nch;
 
   constexpr int kPeerRows = cluster_variant(T, NCH) ? T : 1;  // only cluster variants swap maxima
-  __shared__ float peer_max[act::kMaxPeers][kPeerRows];         // (token_scales_pushed)
-  act::cluster_arrive_early(p.abits > 0 && !p.static_scale);
+  __shared__ act::MaxSwap<kPeerRows> swap;                      // (token_scales_pushed)
+  act::swap_begin(swap, p.abits > 0 && !p.static_scale, rows);
   pdl_trigger();  // the GEMM may launch now; it waits for these codes itself
   // The first chunk's inputs are layer constants: fetched before waiting for the kernel that writes x.
   ChunkInputs<BS> cur, nxt;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kRowThreads, cluster_variant(T, NCH) ? 2 : 1) 
         for (int i = 0; i < kRowThreads / 32; ++i) v = fmaxf(v, red[t][i]);
         scale_s[t] = v;  // this CTA's max
       }
-      act::token_scales_pushed(p, scale_s, &peer_max[0][0], kPeerRows, rows, row0, qmax);
+      act::token_scales_pushed(p, scale_s, swap, rows, row0, qmax);
     }
     __syncthreads();
   }

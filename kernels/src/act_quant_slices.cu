@@ -197,12 +197,12 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[kWarps][TM];
   __shared__ float scale_s[TM];
-  __shared__ float peer_max[act::kMaxPeers][TM];  // (token_scales_pushed)
-  act::cluster_arrive_early(!p.static_scale);
+  __shared__ act::MaxSwap<TM> swap;  // (token_scales_pushed)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TM;
   const int rows = static_cast<int>(p.m - row0 < TM ? p.m - row0 : TM);
+  act::swap_begin(swap, !p.static_scale, rows);
   const int nb = static_cast<int>(p.k / kBlock);
   const int per_cta = slice_blocks(p.k, gridDim.y);
   const int b_begin = blockIdx.y * per_cta;
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 2) rotate_slices_kernel(ActQuantPara
       for (int w = 0; w < kWarps; ++w) v = fmaxf(v, warp_max[w][tid]);
       scale_s[tid] = v;  // this CTA's max
     }
-    act::token_scales_pushed(p, scale_s, &peer_max[0][0], TM, rows, row0, qmax);
+    act::token_scales_pushed(p, scale_s, swap, rows, row0, qmax);
   }
   __syncthreads();
 
