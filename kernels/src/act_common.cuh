@@ -1,7 +1,6 @@
 #pragma once
 // Shared by the input kernels (act_quant.cu, act_quant_rows.cu, act_quant_mma.cu): element access,
 // rounding, and the row and tensor-core kernels' entry points for act_quant()'s dispatch.
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
