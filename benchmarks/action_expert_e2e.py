@@ -21,6 +21,7 @@ how far the loop moved the noise), and each policy's difference from the same mo
 Usage:
   python benchmarks/action_expert_e2e.py [--repeats 20] [--out FILE]
   python benchmarks/action_expert_e2e.py --kernels   # also: each policy's GPU time per kernel family
+  python benchmarks/action_expert_e2e.py --timeline  # also: one layer's kernels in order, each policy
   python benchmarks/action_expert_e2e.py --cpu-smoke     # tiny model on the CPU: logic check only
 """
 import argparse
@@ -231,12 +232,9 @@ def short_kernel_name(name):
     return f"{head}<{targs[:40]}" if targs else head
 
 
-def kernel_costs(model, x0, replays=3):
-    """Per kernel family (ours also per grid shape): (µs per policy call, launches per call), over
-    profiled graph replays.
-    A kernel's cost is the time from the end of the kernel before it to its own end: its launch
-    gap and the part of its run that nothing else covers (chained kernels start early and wait),
-    so the costs add up to the policy call's time on the GPU."""
+def profiled_kernels(model, x0, replays):
+    """The kernels of `replays` profiled graph replays of one policy call, in start order, as
+    (name, start µs, duration µs, grid)."""
     run, _ = capture_policy(model, x0)
     for _ in range(3):
         run()
@@ -250,20 +248,45 @@ def kernel_costs(model, x0, replays=3):
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    costs, counts = {}, {}
+    return [(e["name"], e["ts"], e["dur"], e.get("args", {}).get("grid")) for e in kernels]
+
+
+def with_costs(kernels):
+    """Each kernel with its cost: the time from the end of the kernel before it to its own end, so
+    its launch gap and the part of its run that nothing else covers (chained kernels start early
+    and wait). The costs add up to the GPU's time."""
     prev_end = None
-    for e in kernels:
-        end = e["ts"] + e["dur"]
-        name = short_kernel_name(e["name"])
-        if "duquant::" in e["name"]:  # ours by launch shape too: one row per layer kind
-            grid = e.get("args", {}).get("grid")
-            if grid:
-                name = f"{name[:36]} grid {'x'.join(str(g) for g in grid)}"
-        cost = end - prev_end if prev_end is not None and end > prev_end else e["dur"]
-        costs[name] = costs.get(name, 0.0) + max(cost, 0.0)
-        counts[name] = counts.get(name, 0) + 1
+    for name, ts, dur, grid in kernels:
+        end = ts + dur
+        cost = end - prev_end if prev_end is not None and end > prev_end else (dur if prev_end is None else 0.0)
+        gap = ts - prev_end if prev_end is not None else 0.0
+        yield name, grid, gap, dur, cost
         prev_end = max(prev_end or end, end)
+
+
+def kernel_costs(model, x0, replays=3):
+    """Per kernel family (ours also per grid shape): (µs per policy call, launches per call), over
+    profiled graph replays."""
+    costs, counts = {}, {}
+    for full, grid, _, _, cost in with_costs(profiled_kernels(model, x0, replays)):
+        name = short_kernel_name(full)
+        if "duquant::" in full and grid:  # ours by launch shape too: one row per layer kind
+            name = f"{name[:36]} grid {'x'.join(str(g) for g in grid)}"
+        costs[name] = costs.get(name, 0.0) + cost
+        counts[name] = counts.get(name, 0) + 1
     return {k: (costs[k] / replays, counts[k] / replays) for k in costs}
+
+
+def layer_timeline(model, x0, shape):
+    """One decoder layer's kernels in order, in the middle of the loop: from its input norm's
+    first reduction (RMSNorm's x.pow(2)) to the next layer's. Rows of (name, grid, gap, run, cost)."""
+    rows = list(with_costs(profiled_kernels(model, x0, 1)))
+    norms = [i for i, r in enumerate(rows) if "pow_tensor_scalar" in r[0]]
+    per_step = 2 * shape.layers + 1  # two norms a layer, the final one
+    if len(norms) != shape.steps * per_step:
+        raise RuntimeError(f"expected {shape.steps * per_step} RMSNorm reductions, found {len(norms)}")
+    first = (shape.steps // 2) * per_step + 2 * (shape.layers // 2)
+    return rows[norms[first]:norms[first + 2]]
 
 
 def spread(samples):
@@ -280,6 +303,8 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, eager")
     ap.add_argument("--kernels", action="store_true",
                     help="also profile one policy call of each and print where its time goes, per kernel family")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print one decoder layer's kernels in order for each policy: launch gap, run time, cost")
     args = ap.parse_args()
 
     cuda = not args.cpu_smoke
@@ -366,6 +391,18 @@ def main():
             out(f"{'kernel':<56}{'us/call':>10}{'launches':>10}{'us each':>9}")
             for name, (cost, n) in sorted(prof.items(), key=lambda kv: -kv[1][0])[:20]:
                 out(f"{name[:55]:<56}{cost:>10.1f}{n:>10.0f}{cost / max(n, 1):>9.2f}")
+    if args.timeline and cuda:
+        with torch.no_grad():
+            timelines = {"bf16": layer_timeline(bf16, x0_bf16, shape), "W4A8": layer_timeline(quant, x0_bf16, shape)}
+        for label, rows in timelines.items():
+            out()
+            out(f"one {label} decoder layer in order (layer {shape.layers // 2} of step {shape.steps // 2}, from its "
+                f"input norm to the next layer's; profiled graph replay, µs; gap < 0: launched early, chained; "
+                f"cost: from the previous kernel's end to its own; total {sum(r[4] for r in rows):.1f})")
+            out(f"{'kernel':<56}{'grid':>14}{'gap':>7}{'run':>7}{'cost':>7}")
+            for name, grid, gap, dur, cost in rows:
+                g = "x".join(str(v) for v in grid) if grid else ""
+                out(f"{short_kernel_name(name)[:55]:<56}{g:>14}{gap:>7.2f}{dur:>7.2f}{cost:>7.2f}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
