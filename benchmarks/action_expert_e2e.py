@@ -41,6 +41,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import duquant_ext as dq
+from report import Report
 
 
 @dataclass
@@ -317,11 +318,7 @@ def main():
     if args.cpu_smoke:
         args.repeats = min(args.repeats, 3)
 
-    lines = []
-
-    def out(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    out = Report("e2e")
 
     gpu = torch.cuda.get_device_name() if cuda else "none (CPU smoke run)"
     out(f"# action expert end to end, {time.strftime('%Y-%m-%d %H:%M')}, GPU: {gpu}, torch {torch.__version__} "
@@ -403,10 +400,7 @@ def main():
             for name, grid, gap, dur, cost in rows:
                 g = "x".join(str(v) for v in grid) if grid else ""
                 out(f"{short_kernel_name(name)[:55]:<56}{g:>14}{gap:>7.2f}{dur:>7.2f}{cost:>7.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"[e2e] wrote {args.out}", file=sys.stderr)
+    out.write(args.out)
     return 0
 
 

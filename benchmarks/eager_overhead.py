@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from action_expert_e2e import ActionExpert, ExpertShape, randomize  # noqa: E402
 from fast_path_breakdown import graph_time_us  # noqa: E402
 from linear_speed import PrototypeFakeQuantLinear, build_ours, make_input, make_weight  # noqa: E402
+from report import Report  # noqa: E402
 
 import duquant_ext as dq  # noqa: E402
 
@@ -81,11 +82,7 @@ def main():
               "(see benchmarks/README.md).")
         return 0
 
-    lines = []
-
-    def out(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    out = Report("eager")
 
     dev = torch.device("cuda")
     out(f"# eager calls, {time.strftime('%Y-%m-%d %H:%M')}, GPU: {torch.cuda.get_device_name()}, torch "
@@ -141,10 +138,7 @@ def main():
         out(f"headline: eager action expert policy call {t['bf16'] / t['W4A8']:.2f}x the speed of bf16 "
             f"({t['bf16'] / 1e3:.3f} -> {t['W4A8'] / 1e3:.3f} ms; {t['bf16'] / t['W4A8, siblings alone']:.2f}x with "
             f"share_inputs=False)")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"[eager] wrote {args.out}", file=sys.stderr)
+    out.write(args.out)
     return 0
 
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import duquant_ext as dq
+from report import Report
 
 LLM_SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048)]  # (in K, out N), Gemma-2B-like
 EXPERT_SHAPES = [(1024, 2048), (1024, 256), (2048, 1024), (1024, 4096), (4096, 1024)]  # pi0 action expert
@@ -329,17 +330,6 @@ def summarize(samples):
 
 
 # ---- output -----------------------------------------------------------------------------------------
-class Report:
-    """Prints lines and keeps them for --out."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
-
-
 def fmt(v, spec, width):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return f"{'n/a':>{width}}"
@@ -390,7 +380,7 @@ def main():
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if device.type == "cuda" else 0
     rotate_bytes = args.rotate_l2 * l2
 
-    out = Report()
+    out = Report("linear_speed")
     out(header_line(args, device))
     if device.type == "cuda":
         out(f"# L2 {l2 / 2**20:.0f} MiB: weights replicated to span {rotate_bytes / 2**20:.0f} MiB per timed pass; "
@@ -464,10 +454,7 @@ def main():
 
     print_tables(out, shapes, ms, results, shape_info, notes, llm, device)
     out(f"# wall time {time.time() - t_start:.0f} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(out.lines) + "\n")
-        print(f"[linear_speed] wrote {args.out}", file=sys.stderr)
+    out.write(args.out)
     return 0
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import duquant_ext as dq
 from fast_path_breakdown import graph_time_us  # benchmarks/ is the script's folder
+from report import Report
 
 
 def group_time_us(fn, x, calls, repeats):
@@ -71,11 +72,7 @@ def main():
         print("sibling_groups: no CUDA device; this benchmark times GPU kernels (see benchmarks/README.md)")
         return 0
     ms = [int(v) for v in args.m.split(",")]
-    lines = []
-
-    def out(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    out = Report("sibling_groups")
 
     out(f"# sibling groups, {time.strftime('%Y-%m-%d %H:%M')}, GPU: {torch.cuda.get_device_name()}, torch "
         f"{torch.__version__}; µs per group call (CUDA graph of {args.calls} calls, median of {args.repeats}); "
@@ -115,9 +112,7 @@ def main():
             note = f"GEMM {tile}" + ("" if same else "  (outputs differ from alone!)")
             out(f"{label:<16}{m:>6}{t[0]:>9.1f}{t[1]:>9.1f}{t[2]:>9.1f}{t[0] / t[2]:>13.2f}{t[1] / t[2]:>14.2f}"
                 + "".join(f"{v:>10.1f}" for v in forced) + f"  {note}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    out.write(args.out)
     return 0
 
 
