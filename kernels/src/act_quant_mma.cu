@@ -17,10 +17,12 @@
 //   correctly rounded quotient in three instructions. No conversion instructions in the loops
 //   (tf32 rounding and float-to-int are bit tricks): they run at a quarter of the FMA rate.
 //
-// Measured on an H200 (benchmarks/fast_path_breakdown.py): M = 4096, K = 2048 in 25.6 us (the row
-// kernel: 45), K = 4096 in 61 (130). It is bound by instruction issue, not memory (x and the codes
-// alone would take ~6 us): per block and lane a rotation pass runs ~140 instructions (SASS), most
-// of them the rotation's loads and tf32 splits and the gather addresses, for 8 values.
+// Measured on an H200 (benchmarks/fast_path_breakdown.py): M = 4096, K = 1024 in 10.5 us, K = 2048
+// in 24 (the row kernel: 45), K = 4096 in 61 (130). It is bound by latency and instruction issue,
+// not memory (x and the codes alone would take ~6 us at K = 2048): one wave of CTAs, 4 warps a
+// scheduler, 0.7 of them eligible (ncu, K = 1024); per block and lane a rotation pass runs ~100
+// instructions (SASS) for 8 values, most of them the rotation's loads and tf32 splits and the gather
+// addresses; quantizing and storing a value ~9.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -145,17 +147,34 @@ __device__ __forceinline__ void for_warp_blocks(const unsigned char* xs, const u
   }
 }
 
+// The codes staged in shared memory before they leave in 16-byte stores: a row holds the CTA's
+// positions plus 16 bytes, so the 8 rows one 2-byte store instruction touches sit 4 banks apart.
+__host__ __device__ constexpr int codes_pitch(int blocks_per_cta) { return blocks_per_cta * kMmaBlock + 16; }
+
 // Dynamic shared memory: the rows as read, [tokens][pitch], then the source-offset table of the
-// CTA's blocks (8 bytes per block and lane column).
-__host__ __device__ inline size_t mma_smem_bytes(int tokens, int64_t k, int esz, int blocks_per_cta) {
-  return static_cast<size_t>(tokens) * mma_pitch(k, esz) + static_cast<size_t>(blocks_per_cta) * 4 * sizeof(uint2);
+// CTA's blocks (8 bytes per block and lane column), then (two passes) the codes, [tokens][codes_pitch].
+// codes_at: where the codes are staged, in bytes; -1: written straight to global memory (`stage`
+// false, or no room). With one pass the codes take the rows' place: every warp has read the rows
+// before the scales are known.
+struct MmaSmem {
+  size_t bytes = 0;
+  int codes_at = -1;
+};
+inline MmaSmem mma_smem(int tokens, int64_t k, int esz, int blocks_per_cta, bool hold, bool stage, int64_t room) {
+  const size_t base =
+      static_cast<size_t>(tokens) * mma_pitch(k, esz) + static_cast<size_t>(blocks_per_cta) * 4 * sizeof(uint2);
+  if (!stage) return MmaSmem{base, -1};
+  if (hold) return MmaSmem{base, 0};
+  const size_t at = (base + 15) / 16 * 16;
+  const size_t with = at + static_cast<size_t>(tokens) * codes_pitch(blocks_per_cta);
+  return static_cast<int64_t>(with) <= room ? MmaSmem{with, static_cast<int>(at)} : MmaSmem{base, -1};
 }
 
 // Grid: (token groups of `tokens`, split); clusters of `split` CTAs along y share a token group.
 // MT m-tiles (16 tokens each) per warp, WARPS warps; HOLD > 0: a warp has at most HOLD blocks and
 // keeps them rotated in registers (one rotation pass), 0: any number, rotated twice.
 template <int MT, int WARPS, DType DT, int HOLD>
-__global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParams p, int tokens) {
+__global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParams p, int tokens, int codes_at) {
   constexpr int ESZ = act::dtype_bytes(DT);
   constexpr int TM = 16 * MT;
   constexpr int NT = WARPS * 32;
@@ -189,6 +208,17 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
     }
   }
 
+  // HOLD: the warp's first two blocks' rotations (layer constants) are fetched before the wait; the
+  // rest two blocks ahead (one ahead left the rotation waiting on its L2 round trip; ncu, H200).
+  const float* r_in = p.transform.r_in;
+  const int first = b_begin + warp;
+  BlockRot ring[HOLD > 0 ? 3 : 1];
+  if constexpr (HOLD > 0) {
+    const int last = b_end - 1;  // >= b_begin: a CTA has blocks
+    ring[0] = fetch_rot(r_in, first < last ? first : last, lane);
+    if constexpr (HOLD > 1) ring[1] = fetch_rot(r_in, first + WARPS < last ? first + WARPS : last, lane);
+  }
+
   pdl_trigger();  // the GEMM may launch now; it waits for these codes itself
   pdl_wait();
   act::clear_for_gemm(p);
@@ -210,7 +240,6 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       valid[mt][h] = r < rows;
       row_off[mt][h] = (valid[mt][h] ? r : 0) * pitch;
     }
-  const float* r_in = p.transform.r_in;
   const float qmax = static_cast<float>((1 << (p.abits - 1)) - 1);
 
   float mx[MT][2] = {};  // this lane's max |x'| of rows g, g+8 of each m-tile
@@ -224,13 +253,22 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
       }
   };
   float s[MT][2], inv[MT][2];  // the scales of rows g, g+8 (set once they are known)
-  auto store_codes = [&](int b, const float (&acc)[MT][2][4]) {  // two adjacent codes per store
+  // Codes two adjacent per 2-byte store: into shared memory (codes_at >= 0; they leave in 16-byte
+  // stores at the end) or straight to global memory. Staged, the stores' addresses are 32-bit and
+  // the global writes whole sectors: 2-byte global stores with 64-bit addresses were a third of
+  // the kernel's issue slots at M = 4096 (ncu, H200).
+  const int cpitch = codes_pitch(per_cta);
+  unsigned char* codes_s = smem + (codes_at > 0 ? codes_at : 0);
+  auto store_codes = [&](int b, const float (&acc)[MT][2][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (!valid[mt][h]) continue;
-        int8_t* out = p.codes + (row0 + 16 * mt + g + 8 * h) * p.k + b * kMmaBlock + 2 * c;
+        const int r = 16 * mt + g + 8 * h;
+        unsigned char* out =
+            codes_at >= 0 ? codes_s + r * cpitch + (b - b_begin) * kMmaBlock + 2 * c
+                          : reinterpret_cast<unsigned char*>(p.codes + (row0 + r) * p.k + b * kMmaBlock + 2 * c);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const uint32_t lo = code_bits(acc[mt][nt][2 * h], s[mt][h], inv[mt][h], qmax);
@@ -239,21 +277,18 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
         }
       }
   };
-  const int first = b_begin + warp;
 
   // HOLD: the warp's blocks (at most HOLD) are rotated once and kept in registers until the scale
   // is known. Otherwise pass 1 rotates them for the max and pass 2 again for the codes.
   float held[HOLD > 0 ? HOLD : 1][MT][2][4];
   if constexpr (HOLD > 0) {
-    const int last = b_end - 1;  // >= b_begin: a CTA has blocks
-    BlockRot nxt = fetch_rot(r_in, first < last ? first : last, lane);
+    const int last = b_end - 1;
 #pragma unroll
     for (int i = 0; i < HOLD; ++i) {
       const int b = first + i * WARPS;
-      const BlockRot cur = nxt;
-      if (i + 1 < HOLD) nxt = fetch_rot(r_in, b + WARPS < last ? b + WARPS : last, lane);
+      if (i + 2 < HOLD) ring[(i + 2) % 3] = fetch_rot(r_in, b + 2 * WARPS < last ? b + 2 * WARPS : last, lane);
       if (b < b_end) {
-        rotate_block<MT, DT>(smem, cur, srcs[(b - b_begin) * 4 + c], row_off, held[i]);
+        rotate_block<MT, DT>(smem, ring[i % 3], srcs[(b - b_begin) * 4 + c], row_off, held[i]);
         track_max(held[i]);
       }
     }
@@ -299,6 +334,16 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   } else {
     for_warp_blocks<MT, WARPS, DT>(smem, srcs, r_in, b_begin, first, b_end, lane, row_off, store_codes);
   }
+  if (codes_at >= 0) {  // the staged codes leave in 16-byte stores (K % 16 == 0, codes 16-byte aligned)
+    __syncthreads();
+    const int chunks = (b_end - b_begin) * kMmaBlock / 16;
+    int8_t* dst = p.codes + row0 * p.k + b_begin * kMmaBlock;
+    for (int i = tid; i < rows * chunks; i += NT) {
+      const int r = i / chunks, q = i - r * chunks;
+      const uint4 v = *reinterpret_cast<const uint4*>(codes_s + r * cpitch + 16 * q);
+      *reinterpret_cast<uint4*>(dst + r * p.k + 16 * q) = v;
+    }
+  }
 }
 
 constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 + 8 x 16 floats) and slack
@@ -312,16 +357,25 @@ constexpr int kMmaWarps = 8;
 // per warp: one rotation pass instead of two.
 constexpr int kMmaHold = 8;
 
+// Whether the codes are staged in shared memory and leave in 16-byte stores (16-byte aligned rows
+// needed). Without a cluster only: there the CTAs fill the SMs and the stores' issue slots count
+// (M = 4096, K = 1024: 13.0 -> 10.5 us on an H200); a cluster's few CTAs wait on latency instead,
+// and the barrier before the copy added 0.8 us (M = 1024).
+inline bool stage_codes(const ActQuantParams& p, int split) {
+  return split == 1 && reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
+}
+
 template <DType DT, int HOLD>
 cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, cudaStream_t stream) {
   constexpr auto kernel = rotate_mma_kernel<1, kMmaWarps, DT, HOLD>;
   if (cudaError_t e = allow_dynamic_smem<kernel>(device_facts().smem_optin - kStaticSmemRoom); e != cudaSuccess)
     return e;
   const int nb = static_cast<int>(p.k / kMmaBlock);
-  const size_t smem = mma_smem_bytes(l.tokens, p.k, act::dtype_bytes(DT), (nb + l.split - 1) / l.split);
+  const MmaSmem smem = mma_smem(l.tokens, p.k, act::dtype_bytes(DT), (nb + l.split - 1) / l.split, HOLD > 0,
+                                stage_codes(p, l.split), device_facts().smem_optin - kStaticSmemRoom);
   const dim3 grid(static_cast<unsigned>((p.m + l.tokens - 1) / l.tokens), static_cast<unsigned>(l.split));
-  return launch_kernel_clustered(kernel, grid, dim3(kMmaWarps * 32), smem, stream, chain,
-                                 dim3(1, static_cast<unsigned>(l.split), 1), p, l.tokens);
+  return launch_kernel_clustered(kernel, grid, dim3(kMmaWarps * 32), smem.bytes, stream, chain,
+                                 dim3(1, static_cast<unsigned>(l.split), 1), p, l.tokens, smem.codes_at);
 }
 
 template <DType DT>
@@ -368,11 +422,13 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   const DeviceFacts& dev = device_facts();
   if (!dev.known || dev.major < 8) return none;  // mma.sync tf32 and cp.async: Ampere on
   const int nb = static_cast<int>(p.k / kMmaBlock);
+  const int64_t room = dev.smem_optin - kStaticSmemRoom;
+  auto holds = [&](int split) { return (nb + split - 1) / split <= kMmaHold * kMmaWarps; };
   auto smem = [&](int tokens, int split) {
-    return static_cast<int64_t>(mma_smem_bytes(tokens, p.k, 2, (nb + split - 1) / split));
+    return static_cast<int64_t>(
+        mma_smem(tokens, p.k, 2, (nb + split - 1) / split, holds(split), stage_codes(p, split), room).bytes);
   };
   // Tokens per CTA: 16, or what fits of long rows (one CTA an SM).
-  const int64_t room = dev.smem_optin - kStaticSmemRoom;
   int tokens = 0;
   for (int t = kMmaTokens; t >= 1 && tokens == 0; --t)
     if (smem(t, 1) <= room) tokens = t;
@@ -389,7 +445,6 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   // 25.8 -> 30.2 us; every CTA of a cluster stages the whole rows).
   const int64_t groups = (p.m + tokens - 1) / tokens;
   const int most = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, nb / kMmaWarps), kMaxMmaCluster));
-  auto holds = [&](int split) { return (nb + split - 1) / split <= kMmaHold * kMmaWarps; };
   int split = 1;
   if (dev.clusters && p.splits > 0) {
     split = std::min(p.splits, most);
