@@ -148,26 +148,33 @@ __device__ __forceinline__ void for_warp_blocks(const unsigned char* xs, const u
 }
 
 // The codes staged in shared memory before they leave in 16-byte stores: a row holds the CTA's
-// positions plus 16 bytes, so the 8 rows one 2-byte store instruction touches sit 4 banks apart.
+// positions plus 16 bytes, so the 8 rows one 2-byte store instruction touches fall in distinct
+// banks (an even number of blocks a CTA, which K % 32 == 0 gives).
 __host__ __device__ constexpr int codes_pitch(int blocks_per_cta) { return blocks_per_cta * kMmaBlock + 16; }
+
+constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 + 8 x 16 floats) and slack
 
 // Dynamic shared memory: the rows as read, [tokens][pitch], then the source-offset table of the
 // CTA's blocks (8 bytes per block and lane column), then (two passes) the codes, [tokens][codes_pitch].
-// codes_at: where the codes are staged, in bytes; -1: written straight to global memory (`stage`
-// false, or no room). With one pass the codes take the rows' place: every warp has read the rows
-// before the scales are known.
+// codes_at: where the codes are staged, in bytes; -1: written straight to global memory. With one
+// pass the codes take the rows' place (the barrier after the scales follows every warp's last read
+// of the rows); with two they need room of their own, taken only where it costs no CTA an SM (at K
+// = 3072 on Hopper or K = 2048 on Ampere it would halve them).
 struct MmaSmem {
   size_t bytes = 0;
   int codes_at = -1;
 };
-inline MmaSmem mma_smem(int tokens, int64_t k, int esz, int blocks_per_cta, bool hold, bool stage, int64_t room) {
+inline MmaSmem mma_smem(int tokens, int64_t k, int esz, int blocks_per_cta, bool hold, bool stage,
+                        const DeviceFacts& dev) {
   const size_t base =
       static_cast<size_t>(tokens) * mma_pitch(k, esz) + static_cast<size_t>(blocks_per_cta) * 4 * sizeof(uint2);
   if (!stage) return MmaSmem{base, -1};
   if (hold) return MmaSmem{base, 0};
   const size_t at = (base + 15) / 16 * 16;
   const size_t with = at + static_cast<size_t>(tokens) * codes_pitch(blocks_per_cta);
-  return static_cast<int64_t>(with) <= room ? MmaSmem{with, static_cast<int>(at)} : MmaSmem{base, -1};
+  auto per_sm = [&](size_t bytes) { return std::min<int64_t>(2, dev.smem_per_sm / (bytes + kStaticSmemRoom)); };
+  const bool fits = static_cast<int64_t>(with) <= dev.smem_optin - kStaticSmemRoom && per_sm(with) >= per_sm(base);
+  return fits ? MmaSmem{with, static_cast<int>(at)} : MmaSmem{base, -1};
 }
 
 // Grid: (token groups of `tokens`, split); clusters of `split` CTAs along y share a token group.
@@ -258,7 +265,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   // the global writes whole sectors: 2-byte global stores with 64-bit addresses were a third of
   // the kernel's issue slots at M = 4096 (ncu, H200).
   const int cpitch = codes_pitch(per_cta);
-  unsigned char* codes_s = smem + (codes_at > 0 ? codes_at : 0);
+  unsigned char* codes_s = smem + max(codes_at, 0);
   auto store_codes = [&](int b, const float (&acc)[MT][2][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -346,8 +353,6 @@ __global__ void __launch_bounds__(WARPS * 32, 2) rotate_mma_kernel(ActQuantParam
   }
 }
 
-constexpr int kStaticSmemRoom = 2048;  // the static shared memory (8 x 16 + 16 + 8 x 16 floats) and slack
-
 // One m-tile (16 tokens, kMmaTokens) a warp, 8 warps. Two m-tiles and 16 warps (the rotation's
 // loads and splits serving 32 tokens) measured slower on an H200: one CTA an SM, 25 -> 33 us at
 // M = 4096, K = 2048.
@@ -358,9 +363,10 @@ constexpr int kMmaWarps = 8;
 constexpr int kMmaHold = 8;
 
 // Whether the codes are staged in shared memory and leave in 16-byte stores (16-byte aligned rows
-// needed). Without a cluster only: there the CTAs fill the SMs and the stores' issue slots count
-// (M = 4096, K = 1024: 13.0 -> 10.5 us on an H200); a cluster's few CTAs wait on latency instead,
-// and the barrier before the copy added 0.8 us (M = 1024).
+// needed). Only where no cluster splits the rows: on Hopper that is where the CTAs fill the SMs and
+// the stores' issue slots count (M = 4096, K = 1024: 13.0 -> 10.5 us on an H200); a cluster's few
+// CTAs wait on latency instead, and the barrier before the copy added 0.8 us (M = 1024). Ampere
+// (no clusters) stages at any M: not measured there.
 inline bool stage_codes(const ActQuantParams& p, int split) {
   return split == 1 && reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
 }
@@ -372,7 +378,7 @@ cudaError_t launch_mma(const ActQuantParams& p, const MmaLaunch& l, bool chain, 
     return e;
   const int nb = static_cast<int>(p.k / kMmaBlock);
   const MmaSmem smem = mma_smem(l.tokens, p.k, act::dtype_bytes(DT), (nb + l.split - 1) / l.split, HOLD > 0,
-                                stage_codes(p, l.split), device_facts().smem_optin - kStaticSmemRoom);
+                                stage_codes(p, l.split), device_facts());
   const dim3 grid(static_cast<unsigned>((p.m + l.tokens - 1) / l.tokens), static_cast<unsigned>(l.split));
   return launch_kernel_clustered(kernel, grid, dim3(kMmaWarps * 32), smem.bytes, stream, chain,
                                  dim3(1, static_cast<unsigned>(l.split), 1), p, l.tokens, smem.codes_at);
@@ -426,7 +432,7 @@ MmaLaunch act_quant_mma_plan(const ActQuantParams& p) {
   auto holds = [&](int split) { return (nb + split - 1) / split <= kMmaHold * kMmaWarps; };
   auto smem = [&](int tokens, int split) {
     return static_cast<int64_t>(
-        mma_smem(tokens, p.k, 2, (nb + split - 1) / split, holds(split), stage_codes(p, split), room).bytes);
+        mma_smem(tokens, p.k, 2, (nb + split - 1) / split, holds(split), stage_codes(p, split), dev).bytes);
   };
   // Tokens per CTA: 16, or what fits of long rows (one CTA an SM).
   int tokens = 0;

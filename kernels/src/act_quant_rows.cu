@@ -261,6 +261,7 @@ const DeviceFacts& device_facts() {
   if (!f.known) {
     cudaFuncAttributes attr = {};
     if (cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&f.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
         cudaFuncGetAttributes(&attr, rotate_rows_kernel<1, kClusterChunks, 16, DType::kBFloat16>) != cudaSuccess)
       return none;

@@ -33,6 +33,7 @@ struct DeviceFacts {
   bool known = false;
   int major = 0;              // compute capability
   int smem_optin = 0;         // shared memory a CTA may opt in to (99 KB on sm_86/89, 227 KB on sm_90)
+  int smem_per_sm = 0;        // an SM's shared memory (CTAs a launch fits per SM)
   bool clusters = false;      // Hopper or newer, and the kernels built for it (a binary without sm_90
                               // code would run the cluster variants without their cluster exchanges)
 };
