@@ -40,6 +40,15 @@ void bind_fast_path(py::module_& m) {
   m.def("last_input_kernel", &duquant::last_input_kernel,
         "The input kernels the last fast-path forward launched, as set_input_kernel names them (never \"auto\"): "
         "what a forced choice really ran. \"\" before the first; CUDA graph replays do not count.");
+  m.def("set_weight_only_path", &duquant::set_weight_only_path, py::arg("which"),
+        "How weight-only layers (abits=0) run on CUDA, process-wide: \"auto\" (default: the fused W4A16 GEMM "
+        "at small M, the dense weight from ~128 tokens), \"fused\" (the W4A16 GEMM, int4 weights and 16-bit "
+        "input) or \"dense\" (the permutation, rotations, scales and restore folded into a dense weight in the "
+        "input's dtype, then cuBLAS). Float32 input and wbits 5..8 always run the dense weight.");
+  m.def("weight_only_path", &duquant::weight_only_path, "The weight-only path set by set_weight_only_path.");
+  m.def("last_weight_only_path", &duquant::last_weight_only_path,
+        "What the last weight-only fast-path forward ran, \"fused\" or \"dense\" (\"\" before the first; "
+        "CUDA graph replays do not count).");
   m.def("set_gemm_splits", &duquant::set_gemm_splits, py::arg("splits"),
         "How many CTAs share each output tile's k range in the W4A8/W8A8 GEMM (64x64 tiles; the decode "
         "kernel, \"gemv\", and \"wgmma128\" over a cluster of at most 8 on Hopper, wgmma128 a power of two), "

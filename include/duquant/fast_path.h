@@ -100,6 +100,17 @@ bool wgmma_gemm_available();
 void set_gemm_splits(int64_t splits);
 int gemm_splits();
 
+// How weight-only layers (abits=0) run on CUDA, process-wide, for comparing in tests and
+// benchmarks: "auto" (the default: the fused W4A16 GEMM below ~128 tokens, the dense weight above),
+// "fused" (the W4A16 GEMM: int4 weights, 16-bit activations rotated by the input kernel, restore
+// in its epilogue) or "dense" (one kernel folds the permutation, rotations, scales and restore into
+// a dense weight in x's dtype, scratch the size of the bf16 weight, and cuBLAS multiplies).
+// Float32 input and wbits 5..8 always take the dense weight. Anything else throws.
+void set_weight_only_path(const std::string& which);
+std::string weight_only_path();
+// What the last weight-only fast-path forward ran, "fused" or "dense" ("" before the first).
+std::string last_weight_only_path();
+
 // The fast path's input kernel alone, for tests: x [T, K] -> (int8 codes [T, K], float32 scales [T]).
 // On CPU tensors it runs the reference's transform and quantizer, so the two can be compared.
 std::tuple<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, const torch::Tensor& perm,

@@ -45,6 +45,7 @@ class KernelChoice {
 };
 
 KernelChoice<5> g_input_kernel("input kernel", {"auto", "split", "rows", "mma", "slices"});  // kernels::InputKernel
+KernelChoice<3> g_weight_only_path("weight-only path", {"auto", "fused", "dense"});  // WeightOnlyPath
 KernelChoice<9> g_gemm_tile("GEMM tile", {"auto", "stream", "32x32", "64x64", "128x128", "wgmma128",
                                           "wgmma256", "gemv", "gemv-direct"});  // kernels::GemmTile
 // A process-wide split count for tests and benchmarks to force: 0 picks by size, 1..most forces.
@@ -69,6 +70,7 @@ std::atomic<int> g_last_input_splits{0};  // the tensor-core input kernel's clus
 std::atomic<int> g_last_input_kernel{-1};  // kernels::InputKernel of the last input launch, -1 before any
 std::atomic<int> g_last_gemm_tile{-1};  // kernels::GemmTile of the last launch, -1 before any
 std::atomic<int> g_last_gemm_splits{0};  // and the CTAs that shared each output tile's k range
+std::atomic<int> g_last_weight_only_path{-1};  // WeightOnlyPath of the last weight-only forward, -1 before any
 
 }  // namespace
 
@@ -100,6 +102,15 @@ std::string last_gemm_tile() {
   return t < 0 ? std::string() : g_gemm_tile.name_of(t);
 }
 
+void set_weight_only_path(const std::string& which) { g_weight_only_path.set(which); }
+std::string weight_only_path() { return g_weight_only_path.name(); }
+int weight_only_path_index() { return g_weight_only_path.index(); }
+void note_weight_only_launched(int path) { g_last_weight_only_path = path; }
+std::string last_weight_only_path() {
+  const int w = g_last_weight_only_path.load();
+  return w < 0 ? std::string() : g_weight_only_path.name_of(w);
+}
+
 void set_gemm_splits(int64_t splits) { g_gemm_splits.set(splits); }
 int gemm_splits() { return g_gemm_splits.get(); }
 
@@ -129,10 +140,10 @@ std::string fast_path_blocker(const LayerPack& layer, const torch::Tensor& x) {
   }
   const Config& c = layer.config;
   if (!c.quantize_weights()) return "unquantized weights (wbits=" + std::to_string(c.wbits) + ")";
-  if (!c.quantize_acts()) {
-    if (c.wbits > 4) return "weight-only kernels take wbits 2..4, not " + std::to_string(c.wbits);
-    if (x.defined() && x.scalar_type() == torch::kFloat32) return "weight-only kernels take float16/bfloat16 input";
-  }
+#ifdef DUQUANT_WITH_CUDA
+  if (!c.quantize_acts())
+    if (auto why = cuda_fast::weight_only_blocker(layer, x); !why.empty()) return why;
+#endif
   if (c.act == ActMode::kStaticChannel) return "static_channel scales are per input channel";
   if (layer.in_features % 32 != 0) return "in_features=" + std::to_string(layer.in_features) + " not a multiple of 32";
   if (layer.r_out.defined()) {

@@ -102,6 +102,12 @@ void run_input_kernel(const torch::Tensor& x2d, const torch::Tensor& perm, const
                                                                    : 0);
 }
 
+torch::Tensor output_view(const torch::Tensor& y, const torch::Tensor& x, int64_t n) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  return y.view(out_shape);
+}
+
 torch::Tensor rows_contiguous(const torch::Tensor& x, int64_t k) {
   auto x2 = x.reshape({-1, k});
   return x2.stride(1) == 1 ? x2 : x2.contiguous();
@@ -127,6 +133,78 @@ std::string device_blocker(const LayerPack& layer, const torch::Device& device) 
 }
 
 namespace {
+
+bool fused_weight_only(const LayerPack& layer, const torch::Tensor& x) {
+  return layer.config.wbits <= 4 && !(x.defined() && x.scalar_type() == torch::kFloat32);
+}
+
+bool dense_weight_fits(const LayerPack& layer) {
+  const int64_t block = layer.r_in.defined() ? layer.r_in.size(1) : layer.config.block_size;
+  const bool restore = layer.r_out.defined();
+  return kernels::dense_weight_supported(static_cast<int>(block), restore,
+                                         restore ? static_cast<int>(layer.r_out.size(1)) : 1);
+}
+
+}  // namespace
+
+std::string weight_only_blocker(const LayerPack& layer, const torch::Tensor& x) {
+  if (fused_weight_only(layer, x) || dense_weight_fits(layer)) return "";
+  return std::string("weight-only ") + (layer.config.wbits > 4 ? "wbits 5..8" : "float32 input") +
+         " runs the dense-weight kernel, which takes block_size 16 and block_out dividing 16";
+}
+
+namespace {
+
+// Where the dense weight and cuBLAS beat the fused W4A16 GEMM: from this many tokens on
+// (benchmarks/results/wo_dense_sweep_h200.txt). Rebuilding the weight costs the same at any M and
+// the fused GEMM's deficit grows with M, so the crossing is at a similar M on every shape.
+constexpr int64_t kDenseMinTokens = 128;
+
+// Whether a weight-only call runs the dense weight (forward_dense) rather than the fused GEMM.
+bool runs_dense(const LayerPack& layer, const torch::Tensor& x, int64_t m) {
+  if (!dense_weight_fits(layer)) return false;
+  if (!fused_weight_only(layer, x)) return true;  // float32 input or int8 weights: only this path
+  switch (static_cast<WeightOnlyPath>(weight_only_path_index())) {
+    case WeightOnlyPath::kFused: return false;
+    case WeightOnlyPath::kDense: return true;
+    default: return m >= kDenseMinTokens;
+  }
+}
+
+// Weight-only at large M: the layer's dense weight (and bias) in x's dtype, made by one kernel into
+// scratch as large as the bf16 weight (caching allocator, freed after the call), then
+// y = x W^T + bias on cuBLAS (at::addmm, the current stream).
+torch::Tensor forward_dense(const torch::Tensor& x2d, const torch::Tensor& x, const LayerPack& layer,
+                            const LaunchContext& ctx) {
+  const int64_t k = layer.in_features, n = layer.out_features, m = x2d.size(0);
+  const bool bias = layer.bias.defined();
+  note_weight_only_launched(static_cast<int>(WeightOnlyPath::kDense));
+  if (m == 0) return output_view(torch::empty({0, n}, x.options()), x, n);
+  auto scratch = torch::empty({k * n + (bias ? n : 0)}, x.options());
+  kernels::DenseWeightParams p;
+  p.w = layer.qweight.data_ptr();
+  p.wbits = static_cast<int>(layer.config.wbits);
+  p.w_scale = layer.w_scale.data_ptr<float>();
+  p.r_out = f32_or_null(layer.r_out);
+  p.block_out = static_cast<int>(layer.r_out.defined() ? layer.r_out.size(1) : 1);
+  p.transform.perm = layer.perm.defined() ? layer.perm.data_ptr<int64_t>() : nullptr;
+  p.transform.r_in = layer.r_in.data_ptr<float>();
+  p.transform.block = static_cast<int>(layer.r_in.size(1));
+  p.bias = f32_or_null(layer.bias);
+  p.n = n;
+  p.k = k;
+  p.out = scratch.data_ptr();
+  p.out_dtype = kernel_dtype(x.scalar_type());
+  p.num_sms = ctx.num_sms;
+  auto wt = scratch.narrow(0, 0, k * n).view({k, n});  // the weight transposed
+  torch::Tensor b;
+  if (bias) {
+    b = scratch.narrow(0, k * n, n);
+    p.bias_out = b.data_ptr();
+  }
+  check(kernels::dense_weight(p, ctx.stream), "dense weight launch");
+  return output_view(bias ? at::addmm(b, x2d, wt) : at::mm(x2d, wt), x, n);
+}
 
 // One layer's GEMM launch: the kernels' parameters and plan, and the split-k scratch they point into.
 struct GemmLaunch {
@@ -184,12 +262,6 @@ void launch_gemm(const GemmLaunch& g, const LaunchContext& ctx, const kernels::G
   if (!weight_only) note_gemm_tile_launched(static_cast<int>(g.plan.tile), g.plan.splits);
 }
 
-torch::Tensor output_view(const torch::Tensor& y, const torch::Tensor& x, int64_t n) {
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = n;
-  return y.view(out_shape);
-}
-
 }  // namespace
 
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain) {
@@ -203,6 +275,8 @@ torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain
   const bool per_tensor = cfg.act == ActMode::kStatic;
 
   const bool weight_only = !cfg.quantize_acts();
+  if (weight_only && runs_dense(layer, x, m)) return forward_dense(x2d, x, layer, ctx);
+  if (weight_only) note_weight_only_launched(static_cast<int>(WeightOnlyPath::kFused));
   torch::Tensor codes, scales, xt;
   if (weight_only) {
     xt = torch::empty({m, k}, x.options());

@@ -22,10 +22,18 @@ void note_gemm_tile_launched(int tile, int splits);
 // for the other kernels (last_input_kernel(), last_input_splits()).
 void note_input_launched(int kernel, int splits);
 
+// set_weight_only_path()'s choice, and what a weight-only forward ran (last_weight_only_path()).
+enum class WeightOnlyPath : int { kAuto = 0, kFused = 1, kDense = 2 };
+int weight_only_path_index();
+void note_weight_only_launched(int path);
+
 namespace cuda_fast {
 
 // Limits of the device and the kernels (compute capability, block size); "" when the layer fits.
 std::string device_blocker(const LayerPack& layer, const torch::Device& device);
+// Why a weight-only layer cannot run on CUDA with input x ("" when it can): the fused GEMM takes
+// int4 weights and 16-bit input, the dense weight any wbits and dtype but blocks of 16 and Bo | 16.
+std::string weight_only_blocker(const LayerPack& layer, const torch::Tensor& x);
 // chain = false launches the layer's kernels without programmatic dependent launch (operands that
 // a kernel just wrote: reads of them may not start before that kernel is done).
 torch::Tensor forward(const torch::Tensor& x, const LayerPack& layer, bool chain = true);

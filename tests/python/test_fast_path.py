@@ -436,8 +436,9 @@ def test_long_rows_small_batch(cfg, wide, tile, forced_gemm):
     (1, 256, 512, dict()), (7, 200, 96, dict(wbits=3)), (33, 250, 1024, dict(block_out=8)),
     (129, 512, 384, dict(row_rot="none", permute=False)), (300, 1000, 2048, dict(block_size=32, block_out=32)),
 ])
-def test_weight_only_matches_float64(dtype, m, n, k, cfg, gemm_tile):
-    """W4A16: the GEMM against float64 from the same 16-bit transformed activations."""
+def test_weight_only_matches_float64(dtype, m, n, k, cfg, gemm_tile, weight_only_path):
+    """W4A16: the fused GEMM against float64 from the same 16-bit transformed activations."""
+    weight_only_path("fused")
     config = dq.Config(abits=0, **cfg)
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, True, seed=n + k), config)
     x = outlier_input(m, k, dtype, seed=m)
@@ -453,6 +454,94 @@ def test_weight_only_matches_float64(dtype, m, n, k, cfg, gemm_tile):
     assert y.dtype == dtype and torch.isfinite(y).all()
     err = ((y.double().cpu() - expect).norm() / expect.norm()).item()
     assert err < 4e-3, f"relative error {err:.3g}"
+
+
+@pytest.fixture
+def weight_only_path():
+    """Forces the weight-only path for one test (set_weight_only_path), back to "auto" after it."""
+    yield dq._C.set_weight_only_path
+    dq._C.set_weight_only_path("auto")
+
+
+def weight_only_float64(layer, x):
+    """A weight-only layer in float64 from its codes: x~ R_in, codes x scales, restore, bias."""
+    k = layer.in_features
+    perm = layer.perm if layer.perm is not None else torch.arange(k)
+    xt = restore64(x.double()[:, perm], layer.r_in)
+    w = unpack_codes(layer.qweight, layer.config.wbits, k).double() * layer.w_scale.double()[:, None]
+    y = restore64(xt @ w.T, layer.r_out)
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 130, 300])
+@pytest.mark.parametrize("n,k,cfg", [
+    (768, 1024, dict()), (250, 512, dict(wbits=8)), (200, 96, dict(wbits=3)), (96, 256, dict(wbits=6, block_out=4)),
+    (130, 384, dict(block_out=8, bias=False)), (64, 160, dict(row_rot="none", permute=False)),
+    (48, 4096, dict(block_out=1)),
+])
+def test_weight_only_dense_matches_float64(dtype, m, n, k, cfg, weight_only_path):
+    """The dense-weight path (permutation, rotations, scales and restore folded into one weight,
+    then cuBLAS) against float64 from the codes, its scratch and output poisoned first; float32
+    input and wbits 5..8 run it by default, as nothing else can."""
+    cfg = dict(cfg)
+    bias = cfg.pop("bias", True)
+    weight_only_path("dense")
+    layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, bias, seed=n + k), dq.Config(abits=0, **cfg))
+    x = outlier_input(m, k, dtype, seed=m)
+    expect = weight_only_float64(layer, x)
+    gpu = layer.cuda()
+    assert gpu.execution_path == "cuda"
+    poison_next_allocation(((k * n + n,), dtype), ((m, n), dtype))  # the dense weight's scratch, the output
+    y = gpu(x.cuda())
+    assert dq._C.last_weight_only_path() == "dense"
+    assert y.dtype == dtype and y.shape == (m, n) and torch.isfinite(y).all()
+    err = ((y.double().cpu() - expect).norm() / expect.norm()).item()
+    assert err < (2e-5 if dtype == torch.float32 else 4e-3), f"relative error {err:.3g}"
+    if dtype != torch.float32 and cfg.get("wbits", 4) <= 4:  # the fused GEMM can run these too
+        weight_only_path("auto")
+        gpu(x.cuda())
+        assert dq._C.last_weight_only_path() == ("dense" if m >= 128 else "fused")
+
+
+def test_weight_only_dense_needs_blocks_of_16():
+    """Where neither weight-only kernel takes the layer, the reference path runs and says why."""
+    layer = dq.DuQuantLinear.from_linear(outlier_linear(64, 256, True, 5), dq.Config(abits=0, wbits=8, block_size=32))
+    x = outlier_input(3, 256, torch.bfloat16, 6)
+    ref = layer(x.float()).double()
+    gpu = layer.cuda()
+    assert gpu.execution_path == ("reference (weight-only wbits 5..8 runs the dense-weight kernel, which takes "
+                                  "block_size 16 and block_out dividing 16)")
+    assert ((gpu(x.cuda()).double().cpu() - ref).norm() / ref.norm()).item() < 8e-3
+
+
+def test_weight_only_dense_in_cuda_graph_and_compiled(weight_only_path):
+    weight_only_path("dense")
+    model = nn.Sequential()
+    model.add_module("up_proj", outlier_linear(384, 512, True, 21))
+    model.add_module("act", nn.GELU())
+    model.add_module("down_proj", outlier_linear(256, 384, False, 22))
+    dq.quantize_(model, dq.Config(abits=0))
+    model = model.cuda()
+    x = outlier_input(200, 512, torch.bfloat16, 23).cuda()
+    eager = model(x)
+    assert dq._C.last_weight_only_path() == "dense"
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+    x2 = outlier_input(200, 512, torch.bfloat16, 24).cuda()
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, model(x2))
+    if hasattr(torch, "compile"):
+        assert torch.equal(torch.compile(model, fullgraph=True)(x), eager)
 
 
 def test_leading_dims_and_noncontiguous_input():

@@ -11,10 +11,11 @@ SWITCHES = [
     (dq._C.set_input_kernel, dq._C.input_kernel, ("rows", "split", "mma", "slices", "auto")),
     (dq._C.set_gemm_tile, dq._C.gemm_tile, ("stream", "32x32", "64x64", "128x128", "wgmma128", "wgmma256", "gemv",
                                                   "gemv-direct", "auto")),
+    (dq._C.set_weight_only_path, dq._C.weight_only_path, ("fused", "dense", "auto")),
 ]
 
 
-@pytest.mark.parametrize("setter,getter,names", SWITCHES, ids=["input_kernel", "gemm_tile"])
+@pytest.mark.parametrize("setter,getter,names", SWITCHES, ids=["input_kernel", "gemm_tile", "weight_only_path"])
 def test_round_trips_and_defaults_to_auto(setter, getter, names):
     assert getter() == "auto"
     try:
@@ -42,6 +43,16 @@ def test_unknown_gemm_tile_is_refused_and_changes_nothing():
         dq._C.set_gemm_tile("auto")
 
 
+def test_unknown_weight_only_path_is_refused_and_changes_nothing():
+    dq._C.set_weight_only_path("dense")
+    try:
+        with pytest.raises(RuntimeError, match=r'weight-only path must be "auto", "fused" or "dense", got "cublas"'):
+            dq._C.set_weight_only_path("cublas")
+        assert dq._C.weight_only_path() == "dense"
+    finally:
+        dq._C.set_weight_only_path("auto")
+
+
 @pytest.mark.parametrize("what,setter,getter,most", [
     ("GEMM splits", dq._C.set_gemm_splits, dq._C.gemm_splits, 64),
     ("input splits", dq._C.set_input_splits, dq._C.input_splits, 8),
@@ -64,6 +75,6 @@ def test_last_gemm_tile_and_input_kernel_are_empty_before_any_forward():
     after a forward)."""
     code = ("import duquant_ext as dq; "
             "print(repr((dq._C.last_gemm_tile(), dq._C.last_gemm_splits(), dq._C.last_input_splits(), "
-            "dq._C.last_input_kernel())))")
+            "dq._C.last_input_kernel(), dq._C.last_weight_only_path())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "('', 0, 0, '')", out.stdout + out.stderr
+    assert out.stdout.strip() == "('', 0, 0, '', '')", out.stdout + out.stderr

@@ -186,5 +186,32 @@ cudaError_t int_gemm(const IntGemmParams& p, const IntGemmPlan& plan, cudaStream
 bool wo_gemm_supported(int64_t n, int64_t k, int wbits, bool has_r_out, int block_out);
 cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream);
 
+// ---- weight-only at large M: the layer as one dense matrix, for a cuBLAS GEMM ----
+// out[perm[j], c] = sum over c's output block of R_out[n, c] s_n sum over j's input block of
+// R_in[j, i] q[n, i], i.e. the layer's weight transposed ([K, N]) with the permutation, input
+// rotation, weight scales and restore folded in, so y = x out + bias (in x's basis) is the layer
+// (dense_weight.cu). Float32 accuracy before the cast to out_dtype for float32 out; for 16-bit out
+// the restore's products in tf32 (2^-11 of a weight, under the cast's rounding).
+struct DenseWeightParams {
+  const void* w = nullptr;          // the pack's codes, as IntGemmParams::w (int4 packed or int8)
+  int wbits = 4;
+  const float* w_scale = nullptr;   // [N]
+  const float* r_out = nullptr;     // [ceil(N/Bo), Bo, Bo] or nullptr (row_rot=none)
+  int block_out = 16;               // Bo: 1, 2, 4, 8 or 16
+  InputTransform transform;         // perm (or nullptr), r_in with block 16; no smoothing
+  const float* bias = nullptr;      // [N] or nullptr
+  int64_t n = 0, k = 0;             // K a multiple of 32
+  void* out = nullptr;              // [K, N] row-major, out_dtype; 16-byte aligned
+  void* bias_out = nullptr;         // [N] out_dtype: bias cast, where bias is given
+  DType out_dtype = DType::kBFloat16;
+  int num_sms = 132;                // for sizing the grid
+};
+
+// True for the transforms dense_weight takes: blocks of 16, and Bo dividing 16 (or no restore).
+inline bool dense_weight_supported(int block, bool has_r_out, int block_out) {
+  return block == 16 && (!has_r_out || (block_out >= 1 && block_out <= 16 && 16 % block_out == 0));
+}
+cudaError_t dense_weight(const DenseWeightParams& p, cudaStream_t stream);
+
 }  // namespace kernels
 }  // namespace duquant
