@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build everything against the GPU machine's PyTorch (CUDA), run every test, then the given steps.
-# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [input-splits] [tiles] [wgmma-splits] [ncu] [install]
+# Usage on the GPU machine, from a source tree:  benchmarks/gpu_check.sh OUT_DIR [tests] [pack] [linear] [e2e] [breakdown] [breakdown-unchained] [input-splits] [tiles] [wo-dense] [wgmma-splits] [ncu] [install]
 # nlohmann/CLI11 headers come from .deps/include when the machine has no packages for them.
 set -uo pipefail
 OUT=${1:?output folder}; shift
@@ -19,6 +19,7 @@ for step in "$@"; do
     e2e) python3 benchmarks/action_expert_e2e.py --out "$OUT/action_expert_e2e.txt" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log" ;;
     breakdown) python3 benchmarks/fast_path_breakdown.py >"$OUT/breakdown.txt" 2>&1; cat "$OUT/breakdown.txt" ;;
     tiles) python3 benchmarks/gemm_tile_sweep.py >"$OUT/gemm_tiles.txt" 2>&1; cat "$OUT/gemm_tiles.txt" ;;
+    wo-dense) python3 benchmarks/wo_dense_sweep.py --out "$OUT/wo_dense_sweep.txt" >"$OUT/wo_dense.log" 2>&1; cat "$OUT/wo_dense.log" ;;
     input-splits)  # the tensor-core input kernel with each cluster size forced
       python3 benchmarks/fast_path_breakdown.py --m 64,256,1024,4096 --input-splits 1,2,4,8 >"$OUT/input_splits.txt" 2>&1
       cat "$OUT/input_splits.txt" ;;
