@@ -8,8 +8,8 @@
 //   tf32 halves (hi + lo, less than 2^-22 of it left out) for float32 out, one (2^-11) for 16-bit.
 // - W = (diag(s) Ro)^T V, Ro the 16 x 16 block-diagonal restore over the tile's rows (without
 //   r_out, V's columns are scaled by s_n instead). For float32 out in three tf32 products (hi·hi +
-//   hi·lo + lo·hi), float32 accuracy; for 16-bit out in one (2^-11 of each weight, under the
-//   16-bit rounding that follows). The first
+//   hi·lo + lo·hi), float32 accuracy; for 16-bit out in one (about 2^-11 of a weight: under
+//   bf16's rounding that follows, near fp16's). The first
 //   product's accumulators are the second's B operand as they lie: its k order is permuted
 //   (fragment k = t is row 2t of a k step, k = t + 4 row 2t + 1), A's alike.
 // - Transposed, a tile is 16 rows perm[j] of 16 consecutive outputs: 32 bytes each in 16-bit, so

@@ -191,7 +191,7 @@ cudaError_t wo_gemm(const IntGemmParams& p, cudaStream_t stream);
 // R_in[j, i] q[n, i], i.e. the layer's weight transposed ([K, N]) with the permutation, input
 // rotation, weight scales and restore folded in, so y = x out + bias (in x's basis) is the layer
 // (dense_weight.cu). Float32 accuracy before the cast to out_dtype for float32 out; for 16-bit out
-// the rotations' products in tf32 (about 2^-11 of a weight, under the 16-bit rounding that follows).
+// the rotations' products in tf32: about 2^-11 of a weight, under bf16's rounding, near fp16's.
 struct DenseWeightParams {
   const void* w = nullptr;          // the pack's codes, as IntGemmParams::w (int4 packed or int8)
   int wbits = 4;
