@@ -10,21 +10,14 @@ kernels/src/int_gemm.cu; benchmarks/linear_speed.py is the benchmark of record.
         [--tiles gemv,stream] [--shapes 2048->16384,16384->2048]
 """
 import argparse
-import copy
-import math
 
 import torch
 from torch import nn
 
 import duquant_ext as dq
-from linear_speed import EXPERT_SHAPES, LLM_SHAPES, module_bytes, time_graph
+from linear_speed import EXPERT_SHAPES, LLM_SHAPES, replicas, time_graph
 
 TILES = ["gemv", "gemv-direct", "stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
-
-
-def replicas(module, rotate_bytes, max_copies):
-    count = max(1, min(max_copies, math.ceil(rotate_bytes / max(1, module_bytes(module)))))
-    return [module] + [copy.deepcopy(module) for _ in range(count - 1)]
 
 
 def main():

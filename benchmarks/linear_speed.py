@@ -74,6 +74,13 @@ def module_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def replicas(module, rotate_bytes, max_copies):
+    """`module` and deep copies of it whose weights together span rotate_bytes (at most max_copies),
+    so a timed pass reads them from DRAM as a real model does, not from L2."""
+    count = max(1, min(max_copies, math.ceil(rotate_bytes / max(1, module_bytes(module)))))
+    return [module] + [copy.deepcopy(module) for _ in range(count - 1)]
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.double().cpu(), ref.double().cpu()
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -417,28 +424,24 @@ def main():
             shape_info[(k, n)] = info
 
             # Independent weight copies per contender, built once per shape (see the module doc).
-            replicas = {}
-            for name, m in cont.items():
-                if isinstance(m, nn.Module):
-                    c = 1 if device.type == "cpu" else \
-                        max(1, min(args.max_copies, math.ceil(rotate_bytes / max(1, module_bytes(m)))))
-                    replicas[name] = [m] + [copy.deepcopy(m) for _ in range(c - 1)]
+            copies = {name: [m] if device.type == "cpu" else replicas(m, rotate_bytes, args.max_copies)
+                      for name, m in cont.items() if isinstance(m, nn.Module)}
 
             for mi in ms:
                 x = make_input(mi, k, si * 100 + mi, device)
                 row = {"us": {}, "spread": {}, "path": {}, "ref_err": {}}
                 for name in CONTENDERS:
-                    if name not in replicas:
+                    if name not in copies:
                         continue
                     try:
-                        y = replicas[name][0](x)  # one eager call first: a failure here is a clean n/a
+                        y = copies[name][0](x)  # one eager call first: a failure here is a clean n/a
                         if name in OURS:
-                            row["path"][name] = replicas[name][0].execution_path
+                            row["path"][name] = copies[name][0].execution_path
                             r = min(mi, REF_ROWS)
                             ref = cpu_ref[name](x[:r].float().cpu())
                             row["ref_err"][name] = rel_err(y[:r], ref)
                         timer = time_graph if device.type == "cuda" else time_eager_cpu
-                        us, spread, how = timer(replicas[name], x, args.repeats, target_ms)
+                        us, spread, how = timer(copies[name], x, args.repeats, target_ms)
                         row["us"][name], row["spread"][name] = us, spread
                         if how not in ("graph", "eager cpu"):
                             notes.setdefault(f"{name}: timed {how}", []).append(f"{k}->{n} M={mi}")
@@ -448,7 +451,7 @@ def main():
                 print(f"[linear_speed] {k}->{n} M={mi}: " +
                       ", ".join(f"{c} {row['us'][c]:.1f}" for c in CONTENDERS if c in row["us"]) + " µs",
                       file=sys.stderr, flush=True)
-            del replicas, cont, cpu_ref
+            del copies, cont, cpu_ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -10,21 +10,14 @@ kDenseMinTokens in src/fast/fast_path_cuda.cpp; benchmarks/linear_speed.py is th
         [--shapes 2048->2048,1024->256] [--out results/wo_dense_sweep_h200.txt]
 """
 import argparse
-import copy
 import datetime
-import math
 
 import torch
 from torch import nn
 
 import duquant_ext as dq
-from linear_speed import EXPERT_SHAPES, LLM_SHAPES, module_bytes, time_graph
+from linear_speed import EXPERT_SHAPES, LLM_SHAPES, replicas, time_graph
 from report import Report
-
-
-def replicas(module, rotate_bytes, max_copies):
-    count = max(1, min(max_copies, math.ceil(rotate_bytes / max(1, module_bytes(module)))))
-    return [module] + [copy.deepcopy(module) for _ in range(count - 1)]
 
 
 def main():

@@ -515,6 +515,21 @@ def test_weight_only_dense_needs_blocks_of_16():
     assert ((gpu(x.cuda()).double().cpu() - ref).norm() / ref.norm()).item() < 8e-3
 
 
+def captured(model, x):
+    """model(x) captured in a CUDA graph after a warm-up off the capture stream: (graph, its input
+    buffer, its output)."""
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+    return graph, static_x, static_y
+
+
 def test_weight_only_dense_in_cuda_graph_and_compiled(weight_only_path):
     weight_only_path("dense")
     model = nn.Sequential()
@@ -526,15 +541,7 @@ def test_weight_only_dense_in_cuda_graph_and_compiled(weight_only_path):
     x = outlier_input(200, 512, torch.bfloat16, 23).cuda()
     eager = model(x)
     assert dq._C.last_weight_only_path() == "dense"
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        model(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
+    graph, static_x, static_y = captured(model, x)
     x2 = outlier_input(200, 512, torch.bfloat16, 24).cuda()
     static_x.copy_(x2)
     graph.replay()
@@ -614,15 +621,7 @@ def test_cuda_graph_capture_and_replay():
     model = small_model()
     x = outlier_input(50, 512, torch.bfloat16, 9).cuda()
     eager = model(x)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        model(static_x)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
+    graph, static_x, static_y = captured(model, x)
     x2 = outlier_input(50, 512, torch.bfloat16, 10).cuda()
     static_x.copy_(x2)
     graph.replay()
