@@ -10,6 +10,7 @@ from torch import nn
 import duquant_ext as dq
 import emulation as em
 from duquant_ext import _C
+from cuda_graphs import captured
 from models import TinyLM, add_weight_outliers, outlier_acts
 
 needs_cuda = pytest.mark.skipif(
@@ -264,15 +265,7 @@ def test_shared_model_in_cuda_graph_and_compile():
     model = cuda_block().to(torch.bfloat16)  # norms and head too; DuQuantLinear keeps its formats
     x = outlier_acts(50, 512, channel_scale=30.0, token_scale=50.0).to(torch.bfloat16).cuda()
     eager = model(x)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        model(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
+    graph, static_x, static_y = captured(model, x)
     x2 = (outlier_acts(50, 512, channel_scale=30.0, token_scale=50.0) * 2).to(torch.bfloat16).cuda()
     static_x.copy_(x2)
     graph.replay()
