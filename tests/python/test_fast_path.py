@@ -325,9 +325,11 @@ def test_wgmma_cluster_split_matches_float64(cfg, m, n, k, splits, forced_gemm):
                          ids=["m300", "n-not-quads", "no-bias"])
 def test_wgmma_epilogue_matches_tiles_bitwise(m, n, k, bias, dtype, tile, splits, forced_gemm):
     """The wgmma kernel (and the 64x64 tiles) restore 16-column blocks with R_out in registers
-    (restore16_bias_store), the 32x32 tiles with restore_bias_store: the same float operations in
-    the same order, so equal outputs bit for bit, in every output dtype, with and without bias,
-    where N leaves a partial column quad, split over a cluster or not. Outputs poisoned first."""
+    (restore16_bias_store; unsplit wgmma tiles with 16-byte aligned output rows store by bulk
+    copies, restore16_tma_store), the 32x32 tiles with restore_bias_store: the same float
+    operations in the same order, so equal outputs bit for bit, in every output dtype, with and
+    without bias, where N leaves a partial column quad (1002: element stores in 16-bit) or a
+    partial box (1000, 136), split over a cluster or not. Outputs poisoned first."""
     if not dq._C.wgmma_gemm_available():
         pytest.skip("the wgmma GEMM needs a compute capability 9.0 GPU and a build with sm_90a code")
     layer = dq.DuQuantLinear.from_linear(outlier_linear(n, k, bias, seed=m + n), dq.Config()).cuda()
