@@ -18,10 +18,10 @@
 //   partial tiles through distributed shared memory (16384->2048 at M = 256: 108 -> 83 us).
 // - Unsplit, with 16-byte aligned output rows, the outputs leave in 32 x 16 boxes by bulk copies
 //   (restore16_tma_store).
-// H200 (benchmarks/results/gemm_tiles_wgmma_h200.txt): 2048->16384 at M = 4096 in 410 us for
-// the layer (the first version: 684). A variant without the producer warpgroup, its 128-token
-// tiles two CTAs an SM so that one's epilogue overlaps the other's MMAs, measured no faster
-// (2048->2048 at M = 1024: 38.0 against 27.8 us).
+// H200 (benchmarks/results/gemm_tiles_wgmma_h200.txt, linear_speed_h200.txt): 2048->16384 at
+// M = 4096 in 335 us for the layer (the first version: 684). A variant without the producer
+// warpgroup, its 128-token tiles two CTAs an SM so that one's epilogue overlaps the other's MMAs,
+// measured no faster (2048->2048 at M = 1024: 38.0 against 27.8 us).
 // Nibbles are unpacked into the high half of each byte (value x 16), and the sum is shifted back,
 // as in int_gemm.cu. Integer sums are exact, so outputs equal the mma.sync kernels' bit for bit.
 #include <cooperative_groups.h>
@@ -142,7 +142,7 @@ __device__ __forceinline__ void wgmma_rs_k32(int (&d)[128], const uint32_t (&a)[
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // restore16_bias_store (the same operations in the same order: outputs bit for bit the same) with
 // the outputs leaving by the tensor memory accelerator: warp w restores 16-column block w, 32 rows
-// at a time, into its 2 KB staging box (in the stages, past the float tile), which one bulk copy
+// at a time, into its staging box (up to 2 KB; in the stages, past the float tile), which one bulk copy
 // stores, clipped at the layer's edges. Against each lane's 8-byte stores, H200, layer us at
 // M = 4096: 2048->16384 352.5 -> 338.5, 1024->4096 75.3 -> 71.9, 2048->2048 66.1 -> 64.2; long
 // rows (16384->2048) unchanged.
@@ -467,9 +467,10 @@ cudaError_t launch_wgmma(const IntGemmParams& p, cudaStream_t stream) {
   if (!byte_matrix_map(&act_map, p.a, p.m, p.k, p.a_stride, TN, kKs, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !byte_matrix_map(&w_map, p.w, p.n, p.k / 2, p.k / 2, kFeat, kWRow, CU_TENSOR_MAP_SWIZZLE_64B))
     return cudaErrorInvalidValue;
-  // Outputs by bulk copies where their rows are 16-byte aligned (boxes of 32 rows x 16 outputs).
+  // Outputs by bulk copies (boxes of 32 rows x 16 outputs) where the restore is the 16-column one
+  // and the output rows are 16-byte aligned; the map is encoded only then.
   const int64_t esize = p.out_dtype == DType::kFloat32 ? 4 : 2;
-  const bool tma_out = SPLIT == 1 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
+  const bool tma_out = SPLIT == 1 && p.r_out && p.block_out == 16 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 &&
                        (p.n * esize) % 16 == 0 &&
                        byte_matrix_map(&y_map, p.y, p.m, p.n * esize, p.n * esize, 32, 16 * static_cast<int>(esize),
                                        CU_TENSOR_MAP_SWIZZLE_NONE);

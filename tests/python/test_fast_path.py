@@ -482,7 +482,7 @@ def weight_only_float64(layer, x):
     (768, 1024, dict()), (250, 512, dict(wbits=8)), (200, 96, dict(wbits=3)), (96, 256, dict(wbits=6, block_out=4)),
     (130, 384, dict(block_out=8, bias=False)), (64, 160, dict(row_rot="none", permute=False)),
     (48, 4096, dict(block_out=1)),
-    # Bo = 2, and N % 8 != 0: float32 rows leave in 16-byte stores but for the last tile, 16-bit ones element-wise
+    # Bo = 2 (N = 100: float32 rows leave in 16-byte stores but for the last tile, 16-bit ones element-wise)
     (100, 256, dict(block_out=2)),
 ])
 def test_weight_only_dense_matches_float64(dtype, m, n, k, cfg, weight_only_path):
