@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import duquant_ext as dq
-from linear_speed import EXPERT_SHAPES, LLM_SHAPES, replicas, time_graph
+from linear_speed import chosen_shapes, replicas, time_graph
 
 TILES = ["gemv", "gemv-direct", "stream", "32x32", "64x64", "128x128"] + (["wgmma128", "wgmma256"] if dq._C.wgmma_gemm_available() else [])
 
@@ -37,11 +37,7 @@ def main():
     unknown = sorted(set(tiles) - set(TILES))
     if unknown:
         ap.error(f"--tiles: unknown or unavailable here: {', '.join(unknown)} (choose from {', '.join(TILES)})")
-    all_shapes = {f"{k}->{n}": (k, n) for k, n in LLM_SHAPES + EXPERT_SHAPES}
-    wanted = [v for v in args.shapes.split(",") if v] or list(all_shapes)
-    unknown = sorted(set(wanted) - set(all_shapes))
-    if unknown:
-        ap.error(f"--shapes: unknown: {', '.join(unknown)} (choose from {', '.join(all_shapes)})")
+    shapes = chosen_shapes(ap, args.shapes)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
         return
@@ -53,7 +49,7 @@ def main():
     print(f"{'K->N':>12} {'M':>4} {'bf16':>7} " + " ".join(f"{t:>10}" for t in tiles)
           + f" {'1-split':>8} {'auto':>7} {'best':>10} {'auto/best':>9}", flush=True)
     try:
-        for k, n in dict.fromkeys(all_shapes[v] for v in wanted):
+        for k, n in shapes:
             lin = nn.Linear(k, n, bias=False)
             layer = dq.DuQuantLinear.from_linear(lin, dq.Config()).cuda()
             bf16 = lin.to(device="cuda", dtype=torch.bfloat16)

@@ -74,6 +74,17 @@ def module_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def chosen_shapes(ap, spec):
+    """The (K, N) layer shapes a sweep's --shapes asks for, "K->N" comma-separated, in order and each
+    once (empty: every LLM and action-expert shape); an unknown one is an argparse error."""
+    known = {f"{k}->{n}": (k, n) for k, n in LLM_SHAPES + EXPERT_SHAPES}
+    wanted = [v for v in spec.split(",") if v] or list(known)
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        ap.error(f"--shapes: unknown: {', '.join(unknown)} (choose from {', '.join(known)})")
+    return list(dict.fromkeys(known[v] for v in wanted))
+
+
 def replicas(module, rotate_bytes, max_copies):
     """`module` and deep copies of it whose weights together span rotate_bytes (at most max_copies),
     so a timed pass reads them from DRAM as a real model does, not from L2."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import duquant_ext as dq
-from linear_speed import EXPERT_SHAPES, LLM_SHAPES, replicas, time_graph
+from linear_speed import chosen_shapes, replicas, time_graph
 from report import Report
 
 
@@ -30,11 +30,7 @@ def main():
     ap.add_argument("--max-copies", type=int, default=512)
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args()
-    all_shapes = {f"{k}->{n}": (k, n) for k, n in LLM_SHAPES + EXPERT_SHAPES}
-    wanted = [v for v in args.shapes.split(",") if v] or list(all_shapes)
-    unknown = sorted(set(wanted) - set(all_shapes))
-    if unknown:
-        ap.error(f"--shapes: unknown: {', '.join(unknown)} (choose from {', '.join(all_shapes)})")
+    shapes = chosen_shapes(ap, args.shapes)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
         return
@@ -48,7 +44,7 @@ def main():
     out(f"{'K->N':>12} {'M':>5} {'bf16':>8} {'fused':>8} {'dense':>8} {'auto':>8} {'ran':>6} "
         f"{'bf16/fused':>10} {'bf16/dense':>10}")
     try:
-        for k, n in dict.fromkeys(all_shapes[v] for v in wanted):
+        for k, n in shapes:
             lin = nn.Linear(k, n, bias=False)
             layer = dq.DuQuantLinear.from_linear(lin, dq.Config(abits=0)).cuda()
             bf16 = lin.to(device="cuda", dtype=torch.bfloat16)

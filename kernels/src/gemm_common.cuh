@@ -275,6 +275,47 @@ __device__ __forceinline__ void restore_quad(const float* tile_f, const float* r
   }
 }
 
+// One lane's share of a 16-column block's restore at Bo = 16 (restore16_bias_store, and the wgmma
+// kernel's variant that stores by bulk copies): R_out columns 4 quad..+3 of block blk and their
+// bias in registers; row() turns one row's 16 y'' values into those 4 outputs, q ascending from 0
+// (restore_quad's order), then the bias.
+struct Restore16Quad {
+  float4 r[16];  // R_out[q][4 quad .. + 3]
+  float b[4] = {0.f, 0.f, 0.f, 0.f};
+  bool bias;
+  template <int BM, int BN>
+  __device__ __forceinline__ Restore16Quad(const IntGemmParams& p, const Epilogue<BM, BN>& ep, int blk, int quad)
+      : bias(p.bias != nullptr) {
+#pragma unroll
+    for (int q = 0; q < 16; ++q) r[q] = *reinterpret_cast<const float4*>(ep.r + 16 * 16 * blk + 16 * q + 4 * quad);
+    if (bias) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ep.bias[16 * blk + 4 * quad + j];
+    }
+  }
+  __device__ __forceinline__ void row(const float* y_row, float (&out)[4]) const {
+    const float4* y = reinterpret_cast<const float4*>(y_row);
+    out[0] = out[1] = out[2] = out[3] = 0.f;
+#pragma unroll
+    for (int q4 = 0; q4 < 4; ++q4) {
+      const float4 v = y[q4];
+      const float ys[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const float4 rq = r[4 * q4 + s];
+        out[0] = fmaf(ys[s], rq.x, out[0]);
+        out[1] = fmaf(ys[s], rq.y, out[1]);
+        out[2] = fmaf(ys[s], rq.z, out[2]);
+        out[3] = fmaf(ys[s], rq.w, out[3]);
+      }
+    }
+    if (bias) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] += b[j];
+    }
+  }
+};
+
 // The restore at Bo = 16 (the default block) with each thread's R_out columns in registers, for
 // tiles of many rows (the wgmma kernel, the 64x64 and 128x128 mma.sync tiles). A warp
 // owns one 16-column block and walks its rows 8 at a time, lane = 4 x row + column quad: a row's
@@ -296,14 +337,7 @@ __device__ __forceinline__ void restore16_bias_store(const IntGemmParams& p, int
   const bool whole = p.n % 4 == 0;  // then 4 outputs in one aligned store
   for (int blk = warp / WPB; blk < BLOCKS; blk += WARPS / WPB) {
     const int c0 = 16 * blk + 4 * quad;
-    float4 r[16];  // R_out[q][c0 - 16 blk .. + 3]
-#pragma unroll
-    for (int q = 0; q < 16; ++q) r[q] = *reinterpret_cast<const float4*>(ep.r + 16 * 16 * blk + 16 * q + 4 * quad);
-    float b[4] = {0.f, 0.f, 0.f, 0.f};
-    if (p.bias) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ep.bias[c0 + j];
-    }
+    const Restore16Quad rs(p, ep, blk, quad);
     const int64_t gn0 = n0 + c0;
     if (gn0 >= p.n) continue;
     const bool full = whole && gn0 + 3 < p.n;
@@ -311,25 +345,8 @@ __device__ __forceinline__ void restore16_bias_store(const IntGemmParams& p, int
     for (int row = 8 * (warp % WPB) + row_in; row < BM; row += 8 * WPB) {
       const int64_t gm = m0 + row;
       if (gm >= p.m) break;  // rows ascend
-      const float4* y = reinterpret_cast<const float4*>(tile_f + row * STRIDE + 16 * blk);
-      float out[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int q4 = 0; q4 < 4; ++q4) {
-        const float4 v = y[q4];
-        const float ys[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const float4 rq = r[4 * q4 + s];
-          out[0] = fmaf(ys[s], rq.x, out[0]);
-          out[1] = fmaf(ys[s], rq.y, out[1]);
-          out[2] = fmaf(ys[s], rq.z, out[2]);
-          out[3] = fmaf(ys[s], rq.w, out[3]);
-        }
-      }
-      if (p.bias) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] += b[j];
-      }
+      float out[4];
+      rs.row(tile_f + row * STRIDE + 16 * blk, out);
       if (full) {
         store_out4(p.y, p.out_dtype, gm * p.n + gn0, out);
       } else {

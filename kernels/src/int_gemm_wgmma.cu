@@ -153,43 +153,19 @@ __device__ __forceinline__ void restore16_tma_store(const IntGemmParams& p, int6
   constexpr int STRIDE = Epilogue<BM, BN>::kStride;
   static_assert(BN / 16 == THREADS / 32 && BM % 32 == 0, "a warp a 16-column block, 32 rows a box");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4, row_in = lane / 4;
-  const int blk = warp, c0 = 16 * blk + 4 * quad;
+  const int blk = warp;
   unsigned char* box = staging + warp * (32 * 16 * 4);
   const int esize = p.out_dtype == DType::kFloat32 ? 4 : 2;
   if (n0 + 16 * blk >= p.n) return;
-  float4 r[16];
-#pragma unroll
-  for (int q = 0; q < 16; ++q) r[q] = *reinterpret_cast<const float4*>(ep.r + 16 * 16 * blk + 16 * q + 4 * quad);
-  float b[4] = {0.f, 0.f, 0.f, 0.f};
-  if (p.bias) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) b[j] = ep.bias[c0 + j];
-  }
+  const Restore16Quad rs(p, ep, blk, quad);
   for (int r0 = 0; r0 < BM && m0 + r0 < p.m; r0 += 32) {
     if (lane == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the box is free
     __syncwarp();
 #pragma unroll
     for (int pass = 0; pass < 4; ++pass) {
       const int rb = 8 * pass + row_in;
-      const float4* y = reinterpret_cast<const float4*>(tile_f + (r0 + rb) * STRIDE + 16 * blk);
-      float out[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int q4 = 0; q4 < 4; ++q4) {
-        const float4 v = y[q4];
-        const float ys[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const float4 rq = r[4 * q4 + s];
-          out[0] = fmaf(ys[s], rq.x, out[0]);
-          out[1] = fmaf(ys[s], rq.y, out[1]);
-          out[2] = fmaf(ys[s], rq.z, out[2]);
-          out[3] = fmaf(ys[s], rq.w, out[3]);
-        }
-      }
-      if (p.bias) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] += b[j];
-      }
+      float out[4];
+      rs.row(tile_f + (r0 + rb) * STRIDE + 16 * blk, out);
       store_out4(box, p.out_dtype, rb * 16 + 4 * quad, out);
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -16,3 +16,10 @@ def captured(model, x):
     with torch.cuda.graph(graph):
         static_y = model(static_x)
     return graph, static_x, static_y
+
+
+def replay(graph, static_x, x):
+    """Replays a graph from captured() on new input x (copied into its buffer); returns when done."""
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import duquant_ext as dq
-from cuda_graphs import captured
+from cuda_graphs import captured, replay
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: fast-path tests need one"),
@@ -533,9 +533,7 @@ def test_weight_only_dense_in_cuda_graph_and_compiled(weight_only_path):
     assert dq._C.last_weight_only_path() == "dense"
     graph, static_x, static_y = captured(model, x)
     x2 = outlier_input(200, 512, torch.bfloat16, 24).cuda()
-    static_x.copy_(x2)
-    graph.replay()
-    torch.cuda.synchronize()
+    replay(graph, static_x, x2)
     assert torch.equal(static_y, model(x2))
     if hasattr(torch, "compile"):  # one layer: inductor's own GELU need not match eager's bits
         layer = model.up_proj
@@ -613,12 +611,9 @@ def test_cuda_graph_capture_and_replay():
     eager = model(x)
     graph, static_x, static_y = captured(model, x)
     x2 = outlier_input(50, 512, torch.bfloat16, 10).cuda()
-    static_x.copy_(x2)
-    graph.replay()
-    torch.cuda.synchronize()
+    replay(graph, static_x, x2)
     assert torch.equal(static_y, model(x2))
-    static_x.copy_(x)
-    graph.replay()
+    replay(graph, static_x, x)
     assert torch.equal(static_y, eager)
 
 

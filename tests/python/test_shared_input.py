@@ -10,7 +10,7 @@ from torch import nn
 import duquant_ext as dq
 import emulation as em
 from duquant_ext import _C
-from cuda_graphs import captured
+from cuda_graphs import captured, replay
 from models import TinyLM, add_weight_outliers, outlier_acts
 
 needs_cuda = pytest.mark.skipif(
@@ -267,9 +267,7 @@ def test_shared_model_in_cuda_graph_and_compile():
     eager = model(x)
     graph, static_x, static_y = captured(model, x)
     x2 = (outlier_acts(50, 512, channel_scale=30.0, token_scale=50.0) * 2).to(torch.bfloat16).cuda()
-    static_x.copy_(x2)
-    graph.replay()
-    torch.cuda.synchronize()
+    replay(graph, static_x, x2)
     assert torch.equal(static_y, model(x2))
     # Compiled, the layers run unshared: the same codes, the same answers bit for bit (the whole
     # model would differ in its norms, which inductor fuses).
